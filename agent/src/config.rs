@@ -1,0 +1,155 @@
+//! Agent configuration: TOML file, overridden by flags and `STEWARD_*` environment variables,
+//! resolved into [`AgentConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Bad configuration, naming the setting and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Flags of `steward-agent run` (each may also come from the config file).
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentArgs {
+    /// TOML file with any of these settings.
+    #[arg(long, env = "STEWARD_AGENT_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Control-plane gRPC address (host:port); repeat for each node. The agent follows the leader.
+    #[arg(long = "control-plane", env = "STEWARD_CONTROL_PLANE", value_delimiter = ',')]
+    #[serde(default)]
+    pub control_plane: Vec<String>,
+    /// Listen address of the agent's command service. Default 0.0.0.0:7410.
+    #[arg(long, env = "STEWARD_AGENT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address the control plane dials for commands (default: the listen address).
+    #[arg(long, env = "STEWARD_AGENT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Where PostgreSQL data and agent state live (local NVMe). Default /var/lib/steward/agent.
+    #[arg(long, env = "STEWARD_DATA_PATH")]
+    pub data_path: Option<PathBuf>,
+    /// Failure-domain label used to spread replicas. Default "default".
+    #[arg(long, env = "STEWARD_ZONE")]
+    pub zone: Option<String>,
+    /// Stable host id (default: generated once and kept in the data path).
+    #[arg(long, env = "STEWARD_HOST_ID")]
+    pub host_id: Option<String>,
+    /// Address clients use to reach PostgreSQL on this host (default: the advertise host).
+    #[arg(long, env = "STEWARD_PG_HOST")]
+    pub pg_host: Option<String>,
+    /// PostgreSQL listen_addresses. Default "*".
+    #[arg(long, env = "STEWARD_PG_LISTEN")]
+    pub pg_listen: Option<String>,
+    /// Port PostgreSQL listens on. Default 5432.
+    #[arg(long, env = "STEWARD_PG_PORT")]
+    pub pg_port: Option<u16>,
+    /// Memory PostgreSQL may use on this host, in MiB (default: all of the host's memory).
+    #[arg(long, env = "STEWARD_MEMORY_BUDGET_MB")]
+    pub memory_budget_mb: Option<u64>,
+    /// PostgreSQL major version to run (default: the newest installed).
+    #[arg(long, env = "STEWARD_PG_MAJOR")]
+    pub pg_major: Option<u32>,
+    /// Stop PostgreSQL when the agent exits (development only: in production PostgreSQL keeps
+    /// serving across agent restarts).
+    #[arg(long)]
+    #[serde(default)]
+    pub stop_postgres_on_exit: bool,
+}
+
+/// Resolved agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub control_plane: Vec<String>,
+    pub listen: SocketAddr,
+    pub advertise: String,
+    pub data_path: PathBuf,
+    pub zone: String,
+    pub host_id: Option<String>,
+    pub pg_host: String,
+    pub pg_listen: String,
+    pub pg_port: u16,
+    pub memory_budget_bytes: Option<u64>,
+    pub pg_major: Option<u32>,
+    pub stop_postgres_on_exit: bool,
+}
+
+fn load_file(path: &Path) -> Result<AgentArgs, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+}
+
+fn host_part(addr: &str) -> String {
+    match addr.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => addr.to_string(),
+    }
+}
+
+impl AgentArgs {
+    /// Merges file and flags and applies defaults.
+    pub fn resolve(self) -> Result<AgentConfig, ConfigError> {
+        let file = match &self.config {
+            Some(p) => load_file(p)?,
+            None => AgentArgs::default(),
+        };
+        let control_plane = if self.control_plane.is_empty() { file.control_plane } else { self.control_plane };
+        if control_plane.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no control plane given: pass --control-plane HOST:PORT (repeat for each node)".into(),
+            ));
+        }
+        let listen = self.listen.or(file.listen).unwrap_or_else(|| ([0, 0, 0, 0], 7410).into());
+        let advertise = self.advertise.or(file.advertise).unwrap_or_else(|| listen.to_string());
+        if advertise.starts_with("0.0.0.0") {
+            return Err(ConfigError::Invalid(
+                "the agent listens on 0.0.0.0: pass --advertise HOST:PORT with an address the control plane can dial"
+                    .into(),
+            ));
+        }
+        let pg_host = self.pg_host.or(file.pg_host).unwrap_or_else(|| host_part(&advertise));
+        Ok(AgentConfig {
+            control_plane,
+            listen,
+            advertise,
+            data_path: self.data_path.or(file.data_path).unwrap_or_else(|| PathBuf::from("/var/lib/steward/agent")),
+            zone: self.zone.or(file.zone).unwrap_or_else(|| "default".into()),
+            host_id: self.host_id.or(file.host_id),
+            pg_host,
+            pg_listen: self.pg_listen.or(file.pg_listen).unwrap_or_else(|| "*".into()),
+            pg_port: self.pg_port.or(file.pg_port).unwrap_or(5432),
+            memory_budget_bytes: self.memory_budget_mb.or(file.memory_budget_mb).map(|mb| mb << 20),
+            pg_major: self.pg_major.or(file.pg_major),
+            stop_postgres_on_exit: self.stop_postgres_on_exit || file.stop_postgres_on_exit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requires_control_plane_and_dialable_address() {
+        assert!(AgentArgs::default().resolve().is_err());
+        let a = AgentArgs { control_plane: vec!["127.0.0.1:7400".into()], ..Default::default() };
+        assert!(a.resolve().unwrap_err().to_string().contains("--advertise"));
+        let a = AgentArgs {
+            control_plane: vec!["127.0.0.1:7400".into()],
+            listen: Some("127.0.0.1:7411".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = a.resolve().unwrap();
+        assert_eq!(c.pg_host, "127.0.0.1");
+        assert_eq!(c.pg_port, 5432);
+    }
+}

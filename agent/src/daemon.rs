@@ -1,0 +1,119 @@
+//! The agent daemon: loads its state, restarts the instances it ran before, serves commands
+//! and heartbeats to the control plane.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use steward_proto::v1::agent_server::AgentServer;
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinSet;
+
+use crate::config::AgentConfig;
+use crate::pg::{PgError, RunAs};
+use crate::service::{AgentService, Host};
+use crate::state::AgentState;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("creating data path {path}: {source}")]
+    DataPath { path: std::path::PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("binding the agent's command service on {addr}: {source} (is another agent running?)")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running agent.
+pub struct RunningAgent {
+    pub host: Arc<Host>,
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+/// Starts the agent and returns once its command service listens.
+pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
+    std::fs::create_dir_all(&cfg.data_path)
+        .map_err(|source| DaemonError::DataPath { path: cfg.data_path.clone(), source })?;
+    let run_as = RunAs::detect()?;
+    let state_dir = cfg.data_path.join("agent");
+    let mut state = AgentState::load_or_new(&state_dir, cfg.host_id.as_deref())?;
+    if state.generation == 0 {
+        state.save(&state_dir)?;
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| DaemonError::Bind { addr: cfg.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| DaemonError::Bind { addr: cfg.listen, source })?;
+    let host = Arc::new(Host {
+        cfg,
+        run_as,
+        state: Mutex::new(state),
+        instances: Mutex::new(HashMap::new()),
+        ops: Mutex::new(()),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    // Bring back the instances this host ran before a restart.
+    let known = host.state.lock().await.clusters.clone();
+    for (cluster_id, rec) in known {
+        match host.ensure_instance(&cluster_id, rec.port, Some(rec.pg_major)).await {
+            Ok(_) => tracing::info!(cluster = %cluster_id, port = rec.port, "instance running"),
+            Err(e) => {
+                tracing::error!(cluster = %cluster_id, error = %e, "could not start instance")
+            }
+        }
+    }
+
+    let svc = AgentServer::new(AgentService { host: host.clone() });
+    let mut rx = stop_rx.clone();
+    tasks.spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let shutdown = async move {
+            while !*rx.borrow() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if let Err(e) =
+            tonic::transport::Server::builder().add_service(svc).serve_with_incoming_shutdown(incoming, shutdown).await
+        {
+            tracing::error!(error = %e, "agent command service failed");
+        }
+    });
+    let h = host.clone();
+    let mut rx = stop_rx;
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = crate::heartbeat::run(h) => {}
+            _ = rx.changed() => {}
+        }
+    });
+    tracing::info!(addr = %addr, data_path = %host.cfg.data_path.display(), "agent started");
+    Ok(RunningAgent { host, addr, stop, tasks })
+}
+
+impl RunningAgent {
+    /// Stops serving; stops PostgreSQL too when configured to (development).
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        if self.host.cfg.stop_postgres_on_exit {
+            let instances = self.host.instances.lock().await.clone();
+            for (id, inst) in instances {
+                match inst.stop().await {
+                    Ok(()) => tracing::info!(cluster = %id, "PostgreSQL stopped"),
+                    Err(e) => {
+                        tracing::error!(cluster = %id, error = %e, "stopping PostgreSQL failed")
+                    }
+                }
+            }
+        }
+    }
+}

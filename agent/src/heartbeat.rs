@@ -1,0 +1,102 @@
+//! Registration and heartbeats towards the control plane. The agent tries the configured
+//! control-plane nodes in turn and follows the leader hint a follower returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use steward_proto::v1::control_plane_client::ControlPlaneClient;
+use steward_proto::v1::{HeartbeatRequest, HostFacts, RegisterRequest};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::service::Host;
+
+/// Metadata key with the leader's address on a follower's UNAVAILABLE reply.
+const LEADER_HINT: &str = "x-steward-leader";
+
+/// Current facts of this host.
+pub async fn facts(host: &Host) -> HostFacts {
+    let res = crate::facts::host_resources(&host.cfg.data_path).ok();
+    let host_id = host.state.lock().await.host_id.clone();
+    let pg_major = crate::pg::PgBinaries::discover(host.cfg.pg_major).map(|b| b.major).unwrap_or(0);
+    HostFacts {
+        host_id,
+        hostname: crate::facts::hostname(),
+        agent_addr: host.cfg.advertise.clone(),
+        zone: host.cfg.zone.clone(),
+        cores: res.as_ref().map(|r| r.cores).unwrap_or(0),
+        memory_bytes: res.as_ref().map(|r| r.memory_bytes).unwrap_or(0),
+        disk_free_bytes: res.as_ref().map(|r| r.disk_free_bytes).unwrap_or(0),
+        disk_total_bytes: res.as_ref().map(|r| r.disk_total_bytes).unwrap_or(0),
+        data_path: host.cfg.data_path.display().to_string(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        pg_major,
+        pg_host: host.cfg.pg_host.clone(),
+        pg_port: u32::from(host.cfg.pg_port),
+        memory_budget_bytes: host.memory_budget(),
+    }
+}
+
+fn client(addr: &str) -> Option<ControlPlaneClient<Channel>> {
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let ep =
+        Endpoint::from_shared(url).ok()?.connect_timeout(Duration::from_millis(500)).timeout(Duration::from_secs(5));
+    Some(ControlPlaneClient::new(ep.connect_lazy()))
+}
+
+/// Runs registration and heartbeats until the task is dropped.
+pub async fn run(host: Arc<Host>) {
+    let nodes = host.cfg.control_plane.clone();
+    let mut target = nodes.first().cloned().unwrap_or_default();
+    let mut next = 0usize;
+    let mut registered = false;
+    let mut interval = Duration::from_millis(1000);
+    let mut failures = 0u32;
+    loop {
+        let Some(mut c) = client(&target) else {
+            tracing::error!(control_plane = %target, "invalid control-plane address");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            continue;
+        };
+        let f = facts(&host).await;
+        let result = if registered {
+            let instances = host.statuses().await;
+            c.heartbeat(HeartbeatRequest { facts: Some(f), instances }).await.map(|r| {
+                let r = r.into_inner();
+                if !r.known {
+                    tracing::warn!("control plane does not know this host: registering again");
+                    registered = false;
+                }
+                r.heartbeat_interval_ms
+            })
+        } else {
+            c.register(RegisterRequest { facts: Some(f) }).await.map(|r| {
+                let r = r.into_inner();
+                tracing::info!(host_id = %r.host_id, control_plane = %target, "registered with the control plane");
+                registered = true;
+                r.heartbeat_interval_ms
+            })
+        };
+        match result {
+            Ok(ms) => {
+                failures = 0;
+                interval = Duration::from_millis(u64::from(ms.max(50)));
+                tokio::time::sleep(interval).await;
+            }
+            Err(status) => {
+                failures += 1;
+                let hint = status.metadata().get(LEADER_HINT).and_then(|v| v.to_str().ok()).map(str::to_string);
+                match hint {
+                    Some(leader) if leader != target => target = leader,
+                    _ => {
+                        next = (next + 1) % nodes.len().max(1);
+                        target = nodes.get(next).cloned().unwrap_or_default();
+                    }
+                }
+                if failures % 20 == 1 {
+                    tracing::warn!(error = %status.message(), next = %target, "control plane call failed; retrying");
+                }
+                tokio::time::sleep(interval.min(Duration::from_millis(200))).await;
+            }
+        }
+    }
+}

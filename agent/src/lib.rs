@@ -1,0 +1,14 @@
+//! Steward host agent library: host facts and PostgreSQL instance management
+//! that the agent binary drives on behalf of the control plane.
+
+// gRPC handlers return tonic::Status, the protocol's own error type; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
+pub mod facts;
+pub mod pg;
+
+pub mod config;
+pub mod daemon;
+pub mod heartbeat;
+pub mod service;
+pub mod state;

@@ -1,0 +1,151 @@
+//! The one error type of PostgreSQL management. Every message says what went
+//! wrong and what the operator can do about it, because these end up in the
+//! control plane's task status and in agent logs read by humans.
+
+use std::path::PathBuf;
+
+/// Failure while finding, initialising, configuring, running or querying PostgreSQL.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// No usable `initdb`/`pg_ctl`/`postgres` set was found.
+    #[error(
+        "PostgreSQL server binaries not found (looked in: {searched}); install the PostgreSQL \
+         server package (e.g. `apt-get install postgresql`) or set STEWARD_PG_BINDIR to the \
+         directory containing initdb, pg_ctl and postgres"
+    )]
+    BinariesNotFound { searched: String },
+
+    /// `postgres --version` could not be run or parsed.
+    #[error(
+        "could not determine the PostgreSQL version from `{} --version`: {detail}; check the \
+         installation or point STEWARD_PG_BINDIR at a working server bin directory",
+        binary.display()
+    )]
+    BinaryVersion { binary: PathBuf, detail: String },
+
+    /// STEWARD_PG_BINDIR points at a different major version than requested.
+    #[error(
+        "STEWARD_PG_BINDIR={} holds PostgreSQL {found}, but major {wanted} was requested; \
+         unset STEWARD_PG_BINDIR or point it at the PostgreSQL {wanted} bin directory",
+        bindir.display()
+    )]
+    WrongMajor { bindir: PathBuf, found: u32, wanted: u32 },
+
+    /// The agent runs as root but there is no `postgres` OS user to run PostgreSQL as.
+    #[error(
+        "PostgreSQL refuses to run as root and the OS user `postgres` does not exist; install \
+         the postgresql package or create the user (e.g. `useradd --system --create-home \
+         --home-dir /var/lib/postgresql postgres`)"
+    )]
+    PostgresUserMissing,
+
+    /// The user database could not be queried.
+    #[error("could not look up OS user `{name}`: {source}; check /etc/passwd and NSS configuration")]
+    UserLookup { name: String, source: nix::Error },
+
+    /// Paths handed to PostgreSQL must be absolute (it runs with cwd `/`).
+    #[error("{what} must be an absolute path, got {}; pass a full path such as /var/lib/steward/...", path.display())]
+    RelativePath { what: &'static str, path: PathBuf },
+
+    /// An ancestor directory of the data or socket directory is closed to the run-as user.
+    #[error(
+        "PostgreSQL runs as user {user}, which cannot enter {}: choose a data path outside it, \
+         e.g. --data-dir /var/lib/steward (or grant search permission: chmod o+x {})",
+        path.display(), path.display()
+    )]
+    NotTraversable { user: String, path: PathBuf },
+
+    /// Unix socket paths are limited by `sun_path`.
+    #[error(
+        "unix socket path {} is {len} bytes, over the {max}-byte limit; choose a shorter \
+         socket directory (e.g. /run/steward)",
+        path.display()
+    )]
+    SocketPathTooLong { path: PathBuf, len: usize, max: usize },
+
+    /// The socket directory is shared with, or owned by, someone else.
+    #[error(
+        "socket directory {} is not empty and not owned by {user}; use a dedicated directory \
+         such as /run/steward/<cluster>, which the agent creates with mode 0700",
+        path.display()
+    )]
+    SocketDirNotPrivate { path: PathBuf, user: String },
+
+    /// PGDATA holds files that are not from PostgreSQL; the agent will not touch them.
+    #[error(
+        "data directory {} is not empty and does not look like a PostgreSQL data directory \
+         (found {entry:?}); choose a new or empty directory (use a subdirectory of a mount point)",
+        path.display()
+    )]
+    DataDirNotEmpty { path: PathBuf, entry: String },
+
+    /// PGDATA was created by another major version than the binaries in use.
+    #[error(
+        "data directory {} was initialized by PostgreSQL {data_major} but the binaries are \
+         PostgreSQL {bin_major}; install PostgreSQL {data_major} (or set STEWARD_PG_BINDIR) or \
+         upgrade the data with pg_upgrade",
+        path.display()
+    )]
+    MajorMismatch { path: PathBuf, data_major: String, bin_major: u32 },
+
+    /// An operation needs an initialized data directory.
+    #[error("data directory {} is not initialized; call ensure_initialized first", path.display())]
+    NotInitialized { path: PathBuf },
+
+    /// A filesystem operation failed.
+    #[error("could not {action} {}: {source}; check permissions and free space", path.display())]
+    Io { action: String, path: PathBuf, source: std::io::Error },
+
+    /// A PostgreSQL program exited unsuccessfully.
+    #[error("`{command}` failed ({status}): {output}")]
+    Command { command: String, status: String, output: String },
+
+    /// The server did not come up; the tail of its startup log says why.
+    #[error(
+        "PostgreSQL in {} did not start: {reason}; fix the cause shown in the log and retry. \
+         Last lines of {}:\n{tail}",
+        data_dir.display(), log.display()
+    )]
+    StartFailed { data_dir: PathBuf, reason: String, log: PathBuf, tail: String },
+
+    /// A database or role name outside the accepted pattern.
+    #[error(
+        "invalid {kind} name {name:?}: use 1-63 characters of lower-case letters, digits and \
+         underscores, not starting with a digit"
+    )]
+    InvalidIdentifier { kind: &'static str, name: String },
+
+    /// Names the agent itself relies on (superuser, system databases).
+    #[error("{kind} name {name:?} is reserved for PostgreSQL and the agent; choose another name")]
+    ReservedName { kind: &'static str, name: String },
+
+    /// Something other than a SCRAM verifier was passed as a password.
+    #[error(
+        "password for role {role} is not a SCRAM-SHA-256 verifier; pass \
+         steward_agent::pg::scram_verifier(password), never the plaintext"
+    )]
+    NotAVerifier { role: String },
+
+    /// The superuser connection over the unix socket failed.
+    #[error(
+        "could not connect as postgres over unix socket in {}: {}; check that the instance \
+         is running (see log/ inside PGDATA)",
+        socket_dir.display(), super::sql::describe(source)
+    )]
+    Connect { socket_dir: PathBuf, source: tokio_postgres::Error },
+
+    /// A SQL statement failed.
+    #[error("PostgreSQL error while {action}: {}", super::sql::describe(source))]
+    Sql { action: String, source: tokio_postgres::Error },
+
+    /// A blocking helper task panicked or was cancelled.
+    #[error("internal task failed: {0}; this is a bug in steward-agent, please report it")]
+    Task(String),
+}
+
+impl PgError {
+    /// Shorthand for [`PgError::Io`].
+    pub fn io(action: impl Into<String>, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        PgError::Io { action: action.into(), path: path.into(), source }
+    }
+}

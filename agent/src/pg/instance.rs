@@ -1,0 +1,327 @@
+//! One PostgreSQL instance on this host: its description, initialisation and
+//! configuration. Lifecycle (start/stop) lives in `lifecycle.rs`, SQL-level
+//! provisioning in `database.rs`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::config::{self, Listen, LOG_DIR, STEWARD_CONF};
+use super::paths::{self, blocking};
+use super::runas::{output_text, run};
+use super::tuning::tuning_for;
+use super::{PgBinaries, PgError, RunAs};
+
+/// Everything the agent needs to know to run one cluster member on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSpec {
+    /// Control-plane cluster id (also used as `cluster_name`).
+    pub cluster_id: String,
+    /// PGDATA.
+    pub data_dir: PathBuf,
+    /// `unix_socket_directories` (agent-private dir, mode 0700, owned by run-as user).
+    pub socket_dir: PathBuf,
+    /// TCP port; also part of the socket file name.
+    pub port: u16,
+    /// e.g. "127.0.0.1" or "*".
+    pub listen_addresses: String,
+    /// Memory this instance may use; drives [`tuning_for`].
+    pub memory_budget_bytes: u64,
+    /// Cores this instance may use; drives parallelism settings.
+    pub cores: u32,
+}
+
+/// One PostgreSQL instance on this host, driven through initdb/pg_ctl and a superuser
+/// connection over the unix socket.
+#[derive(Debug)]
+pub struct Instance {
+    pub(super) spec: InstanceSpec,
+    pub(super) bins: PgBinaries,
+    pub(super) run_as: RunAs,
+    /// Set by `write_config` when a file changed; `start` reloads and clears it.
+    pub(super) config_changed: AtomicBool,
+}
+
+/// Entries initdb (or a server) creates in PGDATA; a directory holding only
+/// these may be moved aside as a failed initdb.
+fn is_pg_entry(name: &str) -> bool {
+    name.starts_with("pg_")
+        || name.starts_with("postgresql.")
+        || name.starts_with("postmaster.")
+        || ["base", "global", "PG_VERSION", LOG_DIR, STEWARD_CONF].contains(&name)
+}
+
+impl Instance {
+    /// Binds a spec to the binaries and OS user that will run it.
+    pub fn new(spec: InstanceSpec, bins: PgBinaries, run_as: RunAs) -> Self {
+        Instance { spec, bins, run_as, config_changed: AtomicBool::new(false) }
+    }
+
+    /// The spec this instance was created with.
+    pub fn spec(&self) -> &InstanceSpec {
+        &self.spec
+    }
+
+    /// The server binaries used for this instance.
+    pub fn binaries(&self) -> &PgBinaries {
+        &self.bins
+    }
+
+    /// The OS user PostgreSQL runs as.
+    pub fn run_as(&self) -> &RunAs {
+        &self.run_as
+    }
+
+    /// Where `pg_ctl start -l` writes early server output.
+    pub fn startup_log(&self) -> PathBuf {
+        self.spec.data_dir.join(LOG_DIR).join("startup.log")
+    }
+
+    /// HOME for PostgreSQL commands: the data dir's parent, else /tmp.
+    pub(super) fn home(&self) -> PathBuf {
+        self.spec.data_dir.parent().map_or_else(|| PathBuf::from("/tmp"), Path::to_path_buf)
+    }
+
+    /// True if PGDATA holds a complete cluster (PG_VERSION and pg_control).
+    pub fn is_initialized(&self) -> bool {
+        let d = &self.spec.data_dir;
+        d.join("PG_VERSION").is_file() && d.join("global").join("pg_control").is_file()
+    }
+
+    /// initdb if PGDATA holds no complete cluster (PG_VERSION + global/pg_control),
+    /// after checking paths and preparing owned directories; a half-finished
+    /// PGDATA is moved aside, never deleted. Returns true if initdb ran now.
+    pub async fn ensure_initialized(&self) -> Result<bool, PgError> {
+        if !self.prepare().await? {
+            return Ok(false);
+        }
+        let data = &self.spec.data_dir;
+        let mut last = None;
+        for locale in ["C.UTF-8", "C"] {
+            let mut cmd = self.run_as.command(&self.bins.bin("initdb"), &self.home());
+            cmd.arg("-D").arg(data).args([
+                "--data-checksums",
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+            ]);
+            cmd.arg(format!("--locale={locale}"));
+            let label = format!("initdb -D {} --locale={locale}", data.display());
+            match run(&mut cmd, &label).await {
+                Ok(out) => {
+                    tracing::info!(data_dir = %data.display(), locale, major = self.bins.major,
+                        user = %self.run_as.name, "initialized data directory");
+                    tracing::debug!(output = %output_text(&out), "initdb output");
+                    return Ok(true);
+                }
+                Err(PgError::Command { output, .. }) if output.contains("invalid locale") => {
+                    tracing::warn!(locale, output = %output, "initdb rejected locale; retrying");
+                    last = Some(PgError::Command { command: label, status: "failed".into(), output });
+                    self.prepare().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(PgError::Task("initdb attempts exhausted".into())))
+    }
+
+    /// Path checks and directory setup; true if initdb must run.
+    async fn prepare(&self) -> Result<bool, PgError> {
+        let (spec, run_as, major) = (self.spec.clone(), self.run_as.clone(), self.bins.major);
+        let initialized = self.is_initialized();
+        blocking(move || {
+            paths::require_absolute("data directory", &spec.data_dir)?;
+            paths::require_absolute("socket directory", &spec.socket_dir)?;
+            paths::check_socket_path(&spec.socket_dir, spec.port)?;
+            paths::check_traversable(&run_as, &spec.data_dir)?;
+            paths::check_traversable(&run_as, &spec.socket_dir)?;
+            prepare_socket_dir(&spec.socket_dir, &run_as)?;
+            if initialized {
+                let version_file = spec.data_dir.join("PG_VERSION");
+                let found = fs::read_to_string(&version_file).map_err(|e| PgError::io("read", &version_file, e))?;
+                if found.trim() != major.to_string() {
+                    let data_major = found.trim().to_string();
+                    return Err(PgError::MajorMismatch { path: spec.data_dir, data_major, bin_major: major });
+                }
+                return Ok(false);
+            }
+            prepare_data_dir(&spec.data_dir, &run_as)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Writes `steward.conf`, the include line in `postgresql.conf` and
+    /// `pg_hba.conf` (each atomically); returns whether anything changed.
+    pub async fn write_config(&self) -> Result<bool, PgError> {
+        if !self.is_initialized() {
+            return Err(PgError::NotInitialized { path: self.spec.data_dir.clone() });
+        }
+        let (spec, run_as) = (self.spec.clone(), self.run_as.clone());
+        let changed = blocking(move || {
+            let data = &spec.data_dir;
+            let listen = Listen {
+                cluster_id: &spec.cluster_id,
+                port: spec.port,
+                listen_addresses: &spec.listen_addresses,
+                socket_dir: &spec.socket_dir,
+            };
+            let tuning = tuning_for(spec.memory_budget_bytes, spec.cores);
+            let conf = config::render_steward_conf(&listen, &tuning);
+            let mut changed = paths::write_atomic(&data.join(STEWARD_CONF), &conf, &run_as)?;
+            let main = data.join("postgresql.conf");
+            let current = fs::read_to_string(&main).map_err(|e| PgError::io("read", &main, e))?;
+            if let Some(updated) = config::with_include(&current) {
+                changed |= paths::write_atomic(&main, &updated, &run_as)?;
+            }
+            let hba = config::render_pg_hba();
+            changed |= paths::write_atomic(&data.join("pg_hba.conf"), &hba, &run_as)?;
+            paths::ensure_owned_dir(&data.join(LOG_DIR), &run_as, 0o700)?;
+            Ok(changed)
+        })
+        .await?;
+        if changed {
+            self.config_changed.store(true, Ordering::SeqCst);
+            tracing::info!(data_dir = %self.spec.data_dir.display(), "configuration updated");
+        }
+        Ok(changed)
+    }
+}
+
+/// Creates the socket dir 0700 for `run_as`, refusing to take over a shared one.
+pub(super) fn prepare_socket_dir(dir: &Path, run_as: &RunAs) -> Result<(), PgError> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = fs::metadata(dir) {
+        if meta.uid() != run_as.uid && !paths::is_missing_or_empty(dir)? {
+            let user = run_as.name.clone();
+            return Err(PgError::SocketDirNotPrivate { path: dir.to_path_buf(), user });
+        }
+    }
+    paths::ensure_owned_dir(dir, run_as, 0o700)?;
+    paths::check_traversable(run_as, dir)
+}
+
+/// Makes an empty, owned, 0700 PGDATA, moving a failed initdb's leftovers aside.
+fn prepare_data_dir(data: &Path, run_as: &RunAs) -> Result<(), PgError> {
+    if !paths::is_missing_or_empty(data)? {
+        let entries = fs::read_dir(data).map_err(|e| PgError::io("list", data, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| PgError::io("list", data, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !is_pg_entry(&name) {
+                return Err(PgError::DataDirNotEmpty { path: data.to_path_buf(), entry: name });
+            }
+        }
+        paths::move_aside(data)?;
+    }
+    if let Some(parent) = data.parent() {
+        fs::create_dir_all(parent).map_err(|e| PgError::io("create directory", parent, e))?;
+    }
+    // re-check: directories we just created follow the umask
+    paths::check_traversable(run_as, data)?;
+    paths::ensure_owned_dir(data, run_as, 0o700)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::pg::scram_verifier;
+
+    /// Stops the server even when an assertion fails mid-test.
+    struct StopGuard {
+        pg_ctl: PathBuf,
+        data_dir: PathBuf,
+        run_as: RunAs,
+    }
+
+    impl Drop for StopGuard {
+        fn drop(&mut self) {
+            let _ = self
+                .run_as
+                .std_command(&self.pg_ctl, Path::new("/tmp"))
+                .args(["stop", "-m", "immediate", "-D"])
+                .arg(&self.data_dir)
+                .output();
+        }
+    }
+
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_lifecycle_with_real_postgres() {
+        let bins = match PgBinaries::discover(None) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("skipping: no PostgreSQL binaries found ({e})");
+                return;
+            }
+        };
+        let run_as = RunAs::detect().unwrap();
+        let tmp = tempfile::Builder::new().prefix("steward-pg").tempdir_in("/tmp").unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let spec = InstanceSpec {
+            cluster_id: "test-cluster".into(),
+            data_dir: tmp.path().join("data"),
+            socket_dir: tmp.path().join("sock"),
+            port: free_port(),
+            listen_addresses: "127.0.0.1".into(),
+            memory_budget_bytes: 256 << 20,
+            cores: 2,
+        };
+        let _guard = StopGuard { pg_ctl: bins.bin("pg_ctl"), data_dir: spec.data_dir.clone(), run_as: run_as.clone() };
+        let inst = Instance::new(spec.clone(), bins, run_as);
+
+        assert!(inst.ensure_initialized().await.unwrap());
+        assert!(inst.write_config().await.unwrap());
+        assert!(!inst.write_config().await.unwrap());
+        inst.start().await.unwrap();
+        assert!(inst.is_running().await);
+        inst.start().await.unwrap(); // idempotent
+
+        let password = "correct horse 'battery' \\ staple";
+        let verifier = scram_verifier(password);
+        assert!(inst.ensure_database("appdb", "app", &verifier).await.unwrap());
+        assert!(!inst.ensure_database("appdb", "app", &verifier).await.unwrap());
+        assert!(inst.ensure_database("Bad", "app", &verifier).await.is_err());
+        assert!(inst.ensure_database("x", "app", password).await.is_err());
+
+        let conn = format!(
+            "host=127.0.0.1 port={} user=app dbname=appdb password='{}'",
+            spec.port,
+            password.replace('\\', "\\\\").replace('\'', "\\'")
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client.batch_execute("CREATE TABLE t (id int primary key, v text)").await.unwrap();
+        client.execute("INSERT INTO t VALUES (1, $1)", &[&"hello"]).await.unwrap();
+        let v: String = client.query_one("SELECT v FROM t WHERE id = 1", &[]).await.unwrap().get(0);
+        assert_eq!(v, "hello");
+        drop(client);
+
+        // the superuser is rejected over TCP
+        let su = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", spec.port);
+        assert!(tokio_postgres::connect(&su, tokio_postgres::NoTls).await.is_err());
+
+        assert!(!inst.ensure_initialized().await.unwrap());
+        inst.stop().await.unwrap();
+        assert!(!inst.is_running().await);
+        inst.stop().await.unwrap(); // already stopped
+    }
+
+    #[test]
+    fn recognises_initdb_leftovers() {
+        assert!(is_pg_entry("pg_wal"));
+        assert!(is_pg_entry("PG_VERSION"));
+        assert!(is_pg_entry("postgresql.auto.conf"));
+        assert!(!is_pg_entry("lost+found"));
+        assert!(!is_pg_entry("etc"));
+    }
+}

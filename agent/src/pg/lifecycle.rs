@@ -1,0 +1,203 @@
+//! Starting, reloading, restarting and stopping an instance with `pg_ctl`,
+//! idempotently, so the agent can converge to "running" after any crash.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::config::LOG_DIR;
+use super::instance::prepare_socket_dir;
+use super::paths::{self, blocking};
+use super::runas::run;
+use super::{Instance, PgError};
+
+/// How long the server gets to start and accept a superuser connection.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The fields of `postmaster.pid` the agent cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PidFile {
+    /// Postmaster process id.
+    pub pid: i32,
+    /// Port it listens on.
+    pub port: Option<u16>,
+    /// First unix socket directory ("" if none).
+    pub socket_dir: String,
+    /// First listen address ("" if TCP is off).
+    pub listen_address: String,
+}
+
+/// Parses `postmaster.pid` (pid, datadir, start time, port, socket dir, listen address, ...).
+pub fn parse_pid_file(text: &str) -> Option<PidFile> {
+    let lines: Vec<&str> = text.lines().collect();
+    Some(PidFile {
+        pid: lines.first()?.trim().parse().ok()?,
+        port: lines.get(3).and_then(|l| l.trim().parse().ok()),
+        socket_dir: lines.get(4).map_or("", |l| l.trim()).to_string(),
+        listen_address: lines.get(5).map_or("", |l| l.trim()).to_string(),
+    })
+}
+
+impl Instance {
+    fn pid_file_path(&self) -> PathBuf {
+        self.spec.data_dir.join("postmaster.pid")
+    }
+
+    /// `pg_ctl <action> -D <data_dir>` as the run-as user, plus a label for errors.
+    fn pg_ctl(&self, action: &str) -> (tokio::process::Command, String) {
+        let mut cmd = self.run_as.command(&self.bins.bin("pg_ctl"), &self.home());
+        cmd.arg(action).arg("-D").arg(&self.spec.data_dir);
+        (cmd, format!("pg_ctl {action} -D {}", self.spec.data_dir.display()))
+    }
+
+    /// postmaster.pid present and `pg_ctl status` says running.
+    pub async fn is_running(&self) -> bool {
+        if !self.pid_file_path().exists() {
+            return false;
+        }
+        let (mut cmd, label) = self.pg_ctl("status");
+        run(&mut cmd, &label).await.is_ok()
+    }
+
+    /// Idempotent: starts the server if needed (restarting it if it listens on
+    /// another port/socket, reloading it if `write_config` changed something),
+    /// then waits until a superuser connection over the socket works.
+    pub async fn start(&self) -> Result<(), PgError> {
+        let (socket_dir, log_dir) = (self.spec.socket_dir.clone(), self.spec.data_dir.join(LOG_DIR));
+        let run_as = self.run_as.clone();
+        blocking(move || {
+            // the socket dir may live on a tmpfs that was wiped by a reboot
+            prepare_socket_dir(&socket_dir, &run_as)?;
+            paths::ensure_owned_dir(&log_dir, &run_as, 0o700)
+        })
+        .await?;
+        let log = self.startup_log();
+        let from = paths::file_len(&log);
+
+        if !self.is_running().await {
+            self.config_changed.store(false, Ordering::SeqCst);
+            let (mut cmd, label) = self.pg_ctl("start");
+            cmd.args(["-w", "-t", "60", "-l"]).arg(&log);
+            run(&mut cmd, &label).await.map_err(|e| self.start_failed(e.to_string(), from))?;
+            tracing::info!(data_dir = %self.spec.data_dir.display(), port = self.spec.port, "started PostgreSQL");
+        } else if self.endpoint_changed() {
+            self.config_changed.store(false, Ordering::SeqCst);
+            self.restart().await?;
+        } else if self.config_changed.swap(false, Ordering::SeqCst) {
+            self.reload().await?;
+        }
+        self.wait_ready(from).await
+    }
+
+    /// Whether the running postmaster listens on a different port, socket dir or address.
+    fn endpoint_changed(&self) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.pid_file_path()) else {
+            return false;
+        };
+        let Some(pid) = parse_pid_file(&text) else {
+            return false;
+        };
+        let first_listen = self.spec.listen_addresses.split(',').next().unwrap_or("").trim();
+        pid.port != Some(self.spec.port)
+            || pid.socket_dir != self.spec.socket_dir.to_string_lossy()
+            || pid.listen_address != first_listen
+    }
+
+    /// Re-reads configuration files (`pg_ctl reload`); restart-only settings stay pending.
+    pub async fn reload(&self) -> Result<(), PgError> {
+        let (mut cmd, label) = self.pg_ctl("reload");
+        run(&mut cmd, &label).await?;
+        tracing::info!(data_dir = %self.spec.data_dir.display(), "reloaded PostgreSQL configuration");
+        Ok(())
+    }
+
+    /// `pg_ctl restart -m fast`, for settings that need it (port, shared_buffers, ...).
+    pub async fn restart(&self) -> Result<(), PgError> {
+        let log = self.startup_log();
+        let from = paths::file_len(&log);
+        let (mut cmd, label) = self.pg_ctl("restart");
+        cmd.args(["-m", "fast", "-w", "-t", "60", "-l"]).arg(&log);
+        run(&mut cmd, &label).await.map_err(|e| self.start_failed(e.to_string(), from))?;
+        tracing::info!(data_dir = %self.spec.data_dir.display(), port = self.spec.port, "restarted PostgreSQL");
+        Ok(())
+    }
+
+    /// `pg_ctl stop -m fast -w` as run_as; Ok if already stopped.
+    pub async fn stop(&self) -> Result<(), PgError> {
+        if !self.pid_file_path().exists() {
+            return Ok(());
+        }
+        let (mut cmd, label) = self.pg_ctl("stop");
+        cmd.args(["-m", "fast", "-w"]);
+        match run(&mut cmd, &label).await {
+            Ok(_) => {
+                tracing::info!(data_dir = %self.spec.data_dir.display(), "stopped PostgreSQL");
+                Ok(())
+            }
+            Err(_) if !self.is_running().await => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Polls a superuser connection until it works, the postmaster dies, or the deadline passes.
+    async fn wait_ready(&self, log_from: u64) -> Result<(), PgError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let err = match self.superuser_client().await {
+                Ok(client) => match client.simple_query("SELECT 1").await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => super::sql::describe(&e),
+                },
+                Err(e) => e.to_string(),
+            };
+            if !self.pid_file_path().exists() {
+                return Err(self.start_failed(format!("the server exited ({err})"), log_from));
+            }
+            if Instant::now() >= deadline {
+                let reason = format!("no superuser connection within {START_TIMEOUT:?}: {err}");
+                return Err(self.start_failed(reason, log_from));
+            }
+            tracing::debug!(error = %err, "waiting for PostgreSQL to accept connections");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// A start error with the new part of startup.log and the newest server log.
+    fn start_failed(&self, reason: String, log_from: u64) -> PgError {
+        let log = self.startup_log();
+        let mut tail = paths::tail(&log, log_from, 30);
+        if let Some(server_log) = newest_server_log(&self.spec.data_dir.join(LOG_DIR)) {
+            let server_tail = paths::tail(&server_log, 0, 20);
+            tail = format!("{tail}\n--- {} ---\n{server_tail}", server_log.display());
+        }
+        tracing::error!(data_dir = %self.spec.data_dir.display(), reason = %reason, "PostgreSQL failed to start");
+        PgError::StartFailed { data_dir: self.spec.data_dir.clone(), reason, log, tail }
+    }
+}
+
+/// Most recently modified `postgresql-*.log` written by the logging collector.
+fn newest_server_log(dir: &std::path::Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("postgresql-"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max_by_key(|(modified, _)| *modified)
+        .map(|(_, path)| path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_postmaster_pid() {
+        let text = "4242\n/var/lib/steward/c1\n1700000000\n5433\n/run/steward/c1\n*\n  1234 5\nready   \n";
+        let pid = parse_pid_file(text).unwrap();
+        assert_eq!(pid.pid, 4242);
+        assert_eq!(pid.port, Some(5433));
+        assert_eq!(pid.socket_dir, "/run/steward/c1");
+        assert_eq!(pid.listen_address, "*");
+        assert_eq!(parse_pid_file(""), None);
+    }
+}

@@ -1,0 +1,44 @@
+//! The product REST API (axum): teams, databases, operations, health and metrics. Every node
+//! serves it; writes are forwarded to the Raft leader and reads are linearizable.
+
+pub mod auth;
+pub mod databases;
+pub mod error;
+pub mod operations;
+pub mod system;
+pub mod teams;
+pub mod validate;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::metrics::Metrics;
+use crate::raft::node::RaftNode;
+
+/// Shared state of the REST handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<RaftNode>,
+    /// SHA-256 (hex) of the admin token.
+    pub admin_token_hash: Arc<String>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The `/v1`, `/healthz` and `/metrics` routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/teams", post(teams::create))
+        .route("/v1/databases", post(databases::create).get(databases::list))
+        .route("/v1/databases/:id", get(databases::get))
+        .route("/v1/operations/:id", get(operations::get))
+        .route("/healthz", get(system::healthz))
+        .route("/metrics", get(system::metrics))
+        .fallback(system::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}

@@ -1,0 +1,167 @@
+//! Pure validation of product requests, so every rule has a unit test and a message that says
+//! what to send instead.
+
+use serde::Deserialize;
+
+use super::error::ApiError;
+
+/// Body of `POST /v1/teams`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTeam {
+    pub name: String,
+    #[serde(default)]
+    pub contact: String,
+}
+
+/// Body of `POST /v1/databases`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDatabase {
+    pub name: String,
+    /// Defaults to the caller's team for team tokens; required with the admin token.
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub purpose: String,
+    pub plan: Option<String>,
+    pub availability: Option<String>,
+    pub backup_retention_days: Option<i64>,
+}
+
+/// A database request that passed validation, with defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidDatabase {
+    pub name: String,
+    pub purpose: String,
+    pub plan: String,
+    pub availability: String,
+    pub backup_retention_days: i64,
+}
+
+/// Plans a database can be created with.
+pub const PLANS: &[&str] = &["small", "medium", "large"];
+const RESERVED: &[&str] = &["postgres", "template0", "template1", "public"];
+
+/// Checks a PostgreSQL-safe lowercase identifier: it becomes a database and role name.
+pub fn identifier(kind: &str, s: &str) -> Result<(), ApiError> {
+    let ok_start = s.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+    let ok_chars = s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if s.is_empty() || s.len() > 48 || !ok_start || !ok_chars {
+        return Err(ApiError::Unprocessable(format!(
+            "{kind} '{s}' is not valid: use 1-48 characters, lowercase letters, digits and '_', starting with a letter"
+        )));
+    }
+    if RESERVED.contains(&s) || s.starts_with("pg_") || s.starts_with("steward") {
+        return Err(ApiError::Unprocessable(format!(
+            "{kind} '{s}' is reserved: names 'postgres', 'template0', 'template1', 'public' and prefixes 'pg_', 'steward' are taken by the platform"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a team name: lowercase letters, digits, '-' and '_'.
+pub fn team_name(s: &str) -> Result<(), ApiError> {
+    let ok_start = s.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+    let ok_chars = s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if s.is_empty() || s.len() > 63 || !ok_start || !ok_chars {
+        return Err(ApiError::Unprocessable(format!(
+            "team name '{s}' is not valid: use 1-63 characters, lowercase letters, digits, '-' and '_', starting with a letter"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a database request and fills in defaults.
+pub fn database(req: &NewDatabase) -> Result<ValidDatabase, ApiError> {
+    identifier("database name", &req.name)?;
+    let purpose = req.purpose.trim();
+    if purpose.is_empty() {
+        return Err(ApiError::Unprocessable(
+            "purpose must not be empty: say in a sentence what this database is for, e.g. \"orders of the web shop\""
+                .into(),
+        ));
+    }
+    if purpose.len() > 1000 {
+        return Err(ApiError::Unprocessable("purpose is longer than 1000 characters".into()));
+    }
+    let plan = req.plan.clone().unwrap_or_else(|| "small".into());
+    if !PLANS.contains(&plan.as_str()) {
+        return Err(ApiError::Unprocessable(format!("plan '{plan}' is unknown: choose one of {}", PLANS.join(", "))));
+    }
+    let availability = req.availability.clone().unwrap_or_else(|| "single".into());
+    match availability.as_str() {
+        "single" => {}
+        "ha" => {
+            return Err(ApiError::Unprocessable(
+                "availability 'ha' is not offered by this control plane yet; use 'single'".into(),
+            ))
+        }
+        other => {
+            return Err(ApiError::Unprocessable(format!("availability '{other}' is unknown: choose 'single' or 'ha'")))
+        }
+    }
+    let days = req.backup_retention_days.unwrap_or(7);
+    if !(1..=3650).contains(&days) {
+        return Err(ApiError::Unprocessable(format!("backup_retention_days {days} is out of range 1..=3650")));
+    }
+    Ok(ValidDatabase {
+        name: req.name.clone(),
+        purpose: purpose.to_string(),
+        plan,
+        availability,
+        backup_retention_days: days,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(name: &str, purpose: &str) -> NewDatabase {
+        NewDatabase {
+            name: name.into(),
+            owner: None,
+            purpose: purpose.into(),
+            plan: None,
+            availability: None,
+            backup_retention_days: None,
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let v = database(&req("orders", "web shop orders")).unwrap();
+        assert_eq!(v.plan, "small");
+        assert_eq!(v.availability, "single");
+        assert_eq!(v.backup_retention_days, 7);
+    }
+
+    #[test]
+    fn rejects_bad_names_and_empty_purpose() {
+        for bad in ["", "Orders", "1abc", "a-b", "postgres", "pg_x", "steward_x", &"a".repeat(49)] {
+            assert!(matches!(database(&req(bad, "p")), Err(ApiError::Unprocessable(_))), "{bad}");
+        }
+        let e = database(&req("ok", "   ")).unwrap_err();
+        assert!(e.to_string().contains("purpose must not be empty"));
+    }
+
+    #[test]
+    fn rejects_unknown_plan_availability_and_retention() {
+        let mut r = req("ok", "p");
+        r.plan = Some("huge".into());
+        assert!(database(&r).is_err());
+        let mut r = req("ok", "p");
+        r.availability = Some("multi".into());
+        assert!(database(&r).is_err());
+        let mut r = req("ok", "p");
+        r.backup_retention_days = Some(0);
+        assert!(database(&r).is_err());
+    }
+
+    #[test]
+    fn team_names() {
+        assert!(team_name("payments-eu").is_ok());
+        assert!(team_name("Payments").is_err());
+        assert!(team_name("").is_err());
+    }
+}

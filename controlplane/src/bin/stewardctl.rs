@@ -1,0 +1,270 @@
+//! `stewardctl`: the operator CLI. Talks gRPC to any control-plane node.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use steward_proto::v1::operator_client::OperatorClient;
+use steward_proto::v1::*;
+use tonic::transport::Channel;
+
+/// Operate a Steward fleet: Raft status and membership, hosts, clusters, databases, operations.
+///
+/// Authenticate with the admin token: --token, $STEWARD_ADMIN_TOKEN, or --token-file.
+#[derive(Parser)]
+#[command(name = "stewardctl", version, about, long_about = None)]
+struct Cli {
+    /// gRPC address of any control-plane node.
+    #[arg(long, global = true, env = "STEWARD_SERVER", default_value = "127.0.0.1:7400")]
+    server: String,
+    /// Admin token.
+    #[arg(long, global = true, env = "STEWARD_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the admin token (e.g. .steward/admin.token in dev).
+    #[arg(long, global = true, env = "STEWARD_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Raft group status and membership.
+    #[command(subcommand)]
+    Raft(RaftCmd),
+    /// List database hosts and their state.
+    Hosts,
+    /// List PostgreSQL clusters.
+    Clusters,
+    /// List every database (all teams).
+    Databases,
+    /// Show one operation.
+    Operation { id: String },
+}
+
+#[derive(Subcommand)]
+enum RaftCmd {
+    /// Term, leader, log and snapshot positions, members.
+    Status,
+    /// Add a control-plane node (start it first with no --initial-member).
+    AddNode {
+        #[arg(long)]
+        id: u64,
+        /// Its gRPC address.
+        #[arg(long)]
+        grpc: String,
+        /// Its REST address.
+        #[arg(long)]
+        api: String,
+    },
+    /// Remove a control-plane node from the group.
+    RemoveNode {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+fn token(cli: &Cli) -> anyhow::Result<String> {
+    if let Some(t) = &cli.token {
+        return Ok(t.trim().to_string());
+    }
+    if let Some(p) = &cli.token_file {
+        return Ok(std::fs::read_to_string(p)
+            .with_context(|| format!("reading token file {}", p.display()))?
+            .trim()
+            .to_string());
+    }
+    anyhow::bail!("no admin token: pass --token, set STEWARD_ADMIN_TOKEN, or pass --token-file")
+}
+
+fn req<T>(token: &str, msg: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().context("token is not valid header text")?);
+    r.set_timeout(std::time::Duration::from_secs(30));
+    Ok(r)
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:w$}", c, w = widths[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn members_json(m: &[RaftMember]) -> serde_json::Value {
+    serde_json::json!(m
+        .iter()
+        .map(|m| serde_json::json!({"id": m.id, "grpc_addr": m.grpc_addr, "api_addr": m.api_addr, "voter": m.voter}))
+        .collect::<Vec<_>>())
+}
+
+fn print_members(out: Output, m: &[RaftMember]) {
+    if out == Output::Json {
+        println!("{}", members_json(m));
+    } else {
+        table(
+            &["ID", "GRPC", "API", "VOTER"],
+            m.iter()
+                .map(|m| vec![m.id.to_string(), m.grpc_addr.clone(), m.api_addr.clone(), m.voter.to_string()])
+                .collect(),
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let tok = token(&cli)?;
+    let url = if cli.server.contains("://") { cli.server.clone() } else { format!("http://{}", cli.server) };
+    let channel = Channel::from_shared(url.clone())
+        .context("invalid --server address")?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the control plane at {url}: is it running? (--server)"))?;
+    let mut c = OperatorClient::new(channel);
+    let out = cli.output;
+    match &cli.command {
+        Cmd::Raft(RaftCmd::Status) => {
+            let s = c.raft_status(req(&tok, RaftStatusRequest {})?).await?.into_inner();
+            if out == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({"node_id": s.node_id, "term": s.term, "leader_id": s.leader_id, "state": s.state,
+                        "last_log_index": s.last_log_index, "last_applied": s.last_applied, "snapshot_index": s.snapshot_index,
+                        "first_log_index": s.first_log_index, "snapshots_installed": s.snapshots_installed, "members": members_json(&s.members)})
+                );
+            } else {
+                println!("node {} is {} in term {}; leader {}", s.node_id, s.state, s.term, s.leader_id);
+                println!(
+                    "log: first {} last {}; applied {}; snapshot {}",
+                    s.first_log_index, s.last_log_index, s.last_applied, s.snapshot_index
+                );
+                print_members(out, &s.members);
+            }
+        }
+        Cmd::Raft(RaftCmd::AddNode { id, grpc, api }) => {
+            let r = c
+                .add_node(req(&tok, AddNodeRequest { id: *id, grpc_addr: grpc.clone(), api_addr: api.clone() })?)
+                .await?
+                .into_inner();
+            print_members(out, &r.members);
+        }
+        Cmd::Raft(RaftCmd::RemoveNode { id }) => {
+            let r = c.remove_node(req(&tok, RemoveNodeRequest { id: *id })?).await?.into_inner();
+            print_members(out, &r.members);
+        }
+        Cmd::Hosts => {
+            let r = c.list_hosts(req(&tok, ListHostsRequest {})?).await?.into_inner();
+            if out == Output::Json {
+                let v: Vec<_> = r.hosts.iter().map(|h| serde_json::json!({"id": h.id, "hostname": h.hostname, "agent_addr": h.agent_addr, "zone": h.zone, "state": h.state, "cores": h.cores, "memory_bytes": h.memory_bytes, "disk_free_bytes": h.disk_free_bytes, "last_heartbeat": h.last_heartbeat, "pg_host": h.pg_host, "pg_port": h.pg_port})).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                table(
+                    &["ID", "STATE", "ZONE", "AGENT", "POSTGRES", "CORES", "MEM GiB", "FREE GiB", "LAST HEARTBEAT"],
+                    r.hosts
+                        .iter()
+                        .map(|h| {
+                            vec![
+                                h.id.clone(),
+                                h.state.clone(),
+                                h.zone.clone(),
+                                h.agent_addr.clone(),
+                                format!("{}:{}", h.pg_host, h.pg_port),
+                                h.cores.to_string(),
+                                format!("{:.1}", h.memory_bytes as f64 / (1u64 << 30) as f64),
+                                format!("{:.1}", h.disk_free_bytes as f64 / (1u64 << 30) as f64),
+                                h.last_heartbeat.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Clusters => {
+            let r = c.list_clusters(req(&tok, ListClustersRequest {})?).await?.into_inner();
+            if out == Output::Json {
+                let v: Vec<_> = r.clusters.iter().map(|k| serde_json::json!({"id": k.id, "pg_major": k.pg_major, "primary_host": k.primary_host, "epoch": k.epoch, "port": k.port, "state": k.state, "databases": k.databases})).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                table(
+                    &["ID", "STATE", "PRIMARY", "PORT", "PG", "EPOCH", "DATABASES"],
+                    r.clusters
+                        .iter()
+                        .map(|k| {
+                            vec![
+                                k.id.clone(),
+                                k.state.clone(),
+                                k.primary_host.clone(),
+                                k.port.to_string(),
+                                k.pg_major.to_string(),
+                                k.epoch.to_string(),
+                                k.databases.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Databases => {
+            let r = c.list_databases(req(&tok, ListDatabasesRequest {})?).await?.into_inner();
+            if out == Output::Json {
+                let v: Vec<_> = r.databases.iter().map(|d| serde_json::json!({"id": d.id, "name": d.name, "owner": d.owner, "state": d.state, "cluster_id": d.cluster_id, "availability": d.availability, "created_at": d.created_at})).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                table(
+                    &["ID", "NAME", "OWNER", "STATE", "CLUSTER", "AVAILABILITY", "CREATED"],
+                    r.databases
+                        .iter()
+                        .map(|d| {
+                            vec![
+                                d.id.clone(),
+                                d.name.clone(),
+                                d.owner.clone(),
+                                d.state.clone(),
+                                d.cluster_id.clone(),
+                                d.availability.clone(),
+                                d.created_at.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Cmd::Operation { id } => {
+            let o = c.get_operation(req(&tok, GetOperationRequest { id: id.clone() })?).await?.into_inner();
+            if out == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": o.id, "kind": o.kind, "database_id": o.database_id, "state": o.state, "step": o.step, "attempts": o.attempts, "error": o.error, "created_at": o.created_at, "updated_at": o.updated_at})
+                );
+            } else {
+                table(
+                    &["ID", "KIND", "DATABASE", "STATE", "STEP", "ATTEMPTS", "ERROR"],
+                    vec![vec![o.id, o.kind, o.database_id, o.state, o.step, o.attempts.to_string(), o.error]],
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! Configuration of a control-plane node: a TOML file, overridden by flags, overridden by
+//! environment variables (clap reads `STEWARD_*`), resolved into [`NodeConfig`] with defaults.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::raft::node::RaftSettings;
+use crate::raft::{NodeId, NodeInfo};
+
+/// Errors in configuration, each naming the setting and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Flags of `steward-controlplane run` (every one may also come from the config file).
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeArgs {
+    /// TOML file with any of these settings (flags and environment override it).
+    #[arg(long, env = "STEWARD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Stable id of this node in the Raft group (1, 2, 3, ...).
+    #[arg(long, env = "STEWARD_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Where the Raft log, the state database and snapshots live.
+    #[arg(long, env = "STEWARD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address (Raft peers, agents, stewardctl). Default 0.0.0.0:7400.
+    #[arg(long, env = "STEWARD_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// REST listen address. Default 0.0.0.0:7480.
+    #[arg(long, env = "STEWARD_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// gRPC address other nodes and agents dial (default: the listen address).
+    #[arg(long, env = "STEWARD_ADVERTISE_GRPC")]
+    pub advertise_grpc: Option<String>,
+    /// REST address advertised to peers (default: the listen address).
+    #[arg(long, env = "STEWARD_ADVERTISE_API")]
+    pub advertise_api: Option<String>,
+    /// Member of the initial group, as ID=GRPC_ADDR,API_ADDR; repeat for each (1, 3 or 5 nodes).
+    /// Give the same list to every initial node. Omit on a node that will be added later with
+    /// `stewardctl raft add-node`.
+    #[arg(long = "initial-member", value_name = "ID=GRPC,API")]
+    #[serde(default)]
+    pub initial_members: Vec<String>,
+    /// File holding the admin token (created with a random token if missing).
+    #[arg(long, env = "STEWARD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Raft heartbeat interval in milliseconds (default 150).
+    #[arg(long)]
+    pub raft_heartbeat_ms: Option<u64>,
+    /// Minimum election timeout in milliseconds (default 600; the maximum is twice this).
+    #[arg(long)]
+    pub raft_election_ms: Option<u64>,
+    /// Build a snapshot every this many log entries (default 5000).
+    #[arg(long)]
+    pub snapshot_logs: Option<u64>,
+    /// Log entries kept after a snapshot (default 1000).
+    #[arg(long)]
+    pub keep_logs: Option<u64>,
+    /// Interval agents heartbeat at, in milliseconds (default 1000).
+    #[arg(long)]
+    pub agent_heartbeat_ms: Option<u32>,
+    /// A host is marked down after this many milliseconds without a heartbeat (default 5000).
+    #[arg(long)]
+    pub host_down_after_ms: Option<u64>,
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub advertise: NodeInfo,
+    pub initial_members: BTreeMap<NodeId, NodeInfo>,
+    pub admin_token_file: PathBuf,
+    pub raft: RaftSettings,
+    pub agent_heartbeat_ms: u32,
+    pub host_down_after: Duration,
+}
+
+/// Parses `ID=GRPC,API`.
+pub fn parse_member(s: &str) -> Result<(NodeId, NodeInfo), ConfigError> {
+    let bad = || ConfigError::Invalid(format!("initial member '{s}' must look like 2=10.0.0.2:7400,10.0.0.2:7480"));
+    let (id, addrs) = s.split_once('=').ok_or_else(bad)?;
+    let id: NodeId = id.trim().parse().map_err(|_| bad())?;
+    let (grpc, api) = addrs.split_once(',').ok_or_else(bad)?;
+    if id == 0 || grpc.trim().is_empty() || api.trim().is_empty() {
+        return Err(bad());
+    }
+    Ok((id, NodeInfo { grpc_addr: grpc.trim().into(), api_addr: api.trim().into() }))
+}
+
+fn load_file(path: &Path) -> Result<NodeArgs, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+}
+
+impl NodeArgs {
+    /// Merges the config file (if any) under these flags and applies defaults.
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(p) => load_file(p)?,
+            None => NodeArgs::default(),
+        };
+        let node_id = self.node_id.or(file.node_id).unwrap_or(1);
+        if node_id == 0 {
+            return Err(ConfigError::Invalid("node_id must be 1 or greater".into()));
+        }
+        let data_dir =
+            self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/steward/controlplane"));
+        let default_grpc: SocketAddr = ([0, 0, 0, 0], 7400).into();
+        let default_api: SocketAddr = ([0, 0, 0, 0], 7480).into();
+        let grpc_listen = self.grpc_listen.or(file.grpc_listen).unwrap_or(default_grpc);
+        let api_listen = self.api_listen.or(file.api_listen).unwrap_or(default_api);
+        let advertise = NodeInfo {
+            grpc_addr: self.advertise_grpc.or(file.advertise_grpc).unwrap_or_else(|| grpc_listen.to_string()),
+            api_addr: self.advertise_api.or(file.advertise_api).unwrap_or_else(|| api_listen.to_string()),
+        };
+        let members = if self.initial_members.is_empty() { file.initial_members } else { self.initial_members };
+        let mut initial_members = BTreeMap::new();
+        for m in &members {
+            let (id, info) = parse_member(m)?;
+            if initial_members.insert(id, info).is_some() {
+                return Err(ConfigError::Invalid(format!("initial member id {id} is listed twice")));
+            }
+        }
+        if !initial_members.is_empty() && !initial_members.contains_key(&node_id) {
+            return Err(ConfigError::Invalid(format!(
+                "this node (id {node_id}) is not among the initial members; list it, or give no initial members to join later"
+            )));
+        }
+        let election = self.raft_election_ms.or(file.raft_election_ms).unwrap_or(600);
+        let heartbeat = self.raft_heartbeat_ms.or(file.raft_heartbeat_ms).unwrap_or(150);
+        if heartbeat == 0 || heartbeat * 2 > election {
+            return Err(ConfigError::Invalid(
+                "raft_heartbeat_ms must be > 0 and at most half of raft_election_ms".into(),
+            ));
+        }
+        let raft = RaftSettings {
+            heartbeat_ms: heartbeat,
+            election_min_ms: election,
+            election_max_ms: election * 2,
+            snapshot_logs: self.snapshot_logs.or(file.snapshot_logs).unwrap_or(5000).max(1),
+            keep_logs: self.keep_logs.or(file.keep_logs).unwrap_or(1000),
+        };
+        let admin_token_file =
+            self.admin_token_file.or(file.admin_token_file).unwrap_or_else(|| data_dir.join("admin.token"));
+        Ok(NodeConfig {
+            node_id,
+            data_dir,
+            grpc_listen,
+            api_listen,
+            advertise,
+            initial_members,
+            admin_token_file,
+            raft,
+            agent_heartbeat_ms: self.agent_heartbeat_ms.or(file.agent_heartbeat_ms).unwrap_or(1000).max(50),
+            host_down_after: Duration::from_millis(self.host_down_after_ms.or(file.host_down_after_ms).unwrap_or(5000)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_parse_and_validate() {
+        let (id, info) = parse_member("2=10.0.0.2:7400,10.0.0.2:7480").unwrap();
+        assert_eq!(id, 2);
+        assert_eq!(info.api_addr, "10.0.0.2:7480");
+        assert!(parse_member("x=1,2").is_err());
+        assert!(parse_member("2=only-one").is_err());
+    }
+
+    #[test]
+    fn node_must_be_in_initial_members() {
+        let args = NodeArgs { node_id: Some(3), initial_members: vec!["1=a:1,a:2".into()], ..Default::default() };
+        assert!(args.resolve().is_err());
+    }
+
+    #[test]
+    fn file_values_are_overridden_by_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "node_id = 2\nsnapshot_logs = 10\ninitial_members = [\"2=a:1,a:2\"]\n").unwrap();
+        let cfg =
+            NodeArgs { config: Some(p.clone()), snapshot_logs: Some(20), ..Default::default() }.resolve().unwrap();
+        assert_eq!(cfg.node_id, 2);
+        assert_eq!(cfg.raft.snapshot_logs, 20);
+        std::fs::write(&p, "nod_id = 2\n").unwrap();
+        let err = NodeArgs { config: Some(p), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("nod_id"), "{err}");
+    }
+}

@@ -1,0 +1,103 @@
+//! `steward-controlplane dev`: a single-node control plane and three agents on loopback, each
+//! agent with its own data directory and PostgreSQL port, for trying Steward on one machine.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::NodeConfig;
+use crate::raft::node::RaftSettings;
+use crate::raft::NodeInfo;
+
+/// Flags of `steward-controlplane dev`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevArgs {
+    /// Where everything lives (control-plane state, agents' PostgreSQL data, admin token).
+    #[arg(long, default_value = "./.steward")]
+    pub data_dir: PathBuf,
+    /// REST port on 127.0.0.1.
+    #[arg(long, default_value_t = 7480)]
+    pub api_port: u16,
+    /// gRPC port on 127.0.0.1 (Raft, agents, stewardctl).
+    #[arg(long, default_value_t = 7400)]
+    pub grpc_port: u16,
+    /// Number of local agents (simulated hosts).
+    #[arg(long, default_value_t = 3)]
+    pub agents: u16,
+    /// First agent's command port; agent N uses this + N - 1.
+    #[arg(long, default_value_t = 7411)]
+    pub agent_port: u16,
+    /// First agent's PostgreSQL port; agent N uses this + N - 1.
+    #[arg(long, default_value_t = 55431)]
+    pub pg_port: u16,
+    /// Memory each agent gives PostgreSQL, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory_mb: u64,
+}
+
+/// Runs the development stack until Ctrl-C, then stops everything including PostgreSQL.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let run_as = steward_agent::pg::RunAs::detect().context("choosing the OS user for PostgreSQL")?;
+    steward_agent::pg::paths::check_traversable(&run_as, &data_dir).with_context(|| {
+        format!("PostgreSQL must be able to reach {}; pass --data-dir under /tmp or /var/lib", data_dir.display())
+    })?;
+    let grpc: SocketAddr = ([127, 0, 0, 1], args.grpc_port).into();
+    let api: SocketAddr = ([127, 0, 0, 1], args.api_port).into();
+    let info = NodeInfo { grpc_addr: grpc.to_string(), api_addr: api.to_string() };
+    let cfg = NodeConfig {
+        node_id: 1,
+        data_dir: data_dir.join("controlplane"),
+        grpc_listen: grpc,
+        api_listen: api,
+        advertise: info.clone(),
+        initial_members: BTreeMap::from([(1, info)]),
+        admin_token_file: data_dir.join("admin.token"),
+        raft: RaftSettings::default(),
+        agent_heartbeat_ms: 1000,
+        host_down_after: Duration::from_secs(5),
+    };
+    let node = crate::server::start(cfg).await?;
+    let mut agents = Vec::new();
+    for i in 0..args.agents {
+        let listen: SocketAddr = ([127, 0, 0, 1], args.agent_port + i).into();
+        let acfg = steward_agent::config::AgentConfig {
+            control_plane: vec![grpc.to_string()],
+            listen,
+            advertise: listen.to_string(),
+            data_path: data_dir.join(format!("agent-{}", i + 1)),
+            zone: format!("zone-{}", i + 1),
+            host_id: Some(format!("dev-host-{}", i + 1)),
+            pg_host: "127.0.0.1".into(),
+            pg_listen: "127.0.0.1".into(),
+            pg_port: args.pg_port + i,
+            memory_budget_bytes: Some(args.memory_mb << 20),
+            pg_major: None,
+            stop_postgres_on_exit: true,
+        };
+        let agent = steward_agent::daemon::start(acfg).await.with_context(|| format!("starting agent {}", i + 1))?;
+        agents.push(agent);
+    }
+    println!();
+    println!("Steward dev stack is running ({} agents, data in {}).", agents.len(), data_dir.display());
+    println!("  REST API:    http://{}", node.api_addr);
+    println!("  gRPC:        {} (stewardctl --server {})", node.grpc_addr, node.grpc_addr);
+    println!("  admin token: {}  (also in {})", node.admin_token, data_dir.join("admin.token").display());
+    println!();
+    println!("Try:");
+    println!("  export STEWARD_ADMIN_TOKEN=$(cat {})", data_dir.join("admin.token").display());
+    println!("  curl -s -X POST http://{}/v1/teams -H \"Authorization: Bearer $STEWARD_ADMIN_TOKEN\" -H 'Content-Type: application/json' -d '{{\"name\":\"shop\",\"contact\":\"shop@example.com\"}}'", node.api_addr);
+    println!("Press Ctrl-C to stop everything (PostgreSQL included).");
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    println!("Stopping agents and PostgreSQL...");
+    for a in agents {
+        a.shutdown().await;
+    }
+    node.shutdown().await;
+    println!("Stopped.");
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! The operator gRPC service behind `stewardctl`: Raft status and membership, hosts, clusters,
+//! databases and operations. Authenticated with the admin token; membership changes are
+//! forwarded to the leader.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use openraft::ChangeMembers;
+use steward_proto::v1::operator_client::OperatorClient;
+use steward_proto::v1::operator_server::Operator;
+use steward_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::api::auth::token_hash;
+use crate::raft::network::channel;
+use crate::raft::node::RaftNode;
+use crate::raft::NodeInfo;
+use crate::reconcile::liveness::Liveness;
+use crate::state::query;
+
+/// Serves operators.
+pub struct OperatorService {
+    pub node: Arc<RaftNode>,
+    pub liveness: Arc<Liveness>,
+    pub admin_token_hash: Arc<String>,
+}
+
+fn authorize<T>(req: &Request<T>, admin_hash: &str) -> Result<String, Status> {
+    let value = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Status::unauthenticated("missing 'authorization: Bearer <admin token>' metadata"))?;
+    if token_hash(value.trim()) != admin_hash {
+        return Err(Status::unauthenticated("invalid admin token"));
+    }
+    Ok(value.trim().to_string())
+}
+
+fn members(node: &RaftNode) -> Vec<RaftMember> {
+    let m = node.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    membership
+        .nodes()
+        .map(|(id, n)| RaftMember {
+            id: *id,
+            grpc_addr: n.grpc_addr.clone(),
+            api_addr: n.api_addr.clone(),
+            voter: voters.contains(id),
+        })
+        .collect()
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl OperatorService {
+    async fn read(&self) -> Result<(), Status> {
+        self.node.linearizable_read().await.map_err(|e| Status::unavailable(e.to_string()))
+    }
+
+    async fn leader_client(&self) -> Result<OperatorClient<tonic::transport::Channel>, Status> {
+        let (_, info) = self.node.leader().ok_or_else(|| Status::unavailable("no leader is known; retry shortly"))?;
+        Ok(OperatorClient::new(channel(&info.grpc_addr).map_err(internal)?))
+    }
+
+    fn forwarded<T>(token: &str, msg: T) -> Result<Request<T>, Status> {
+        let mut req = Request::new(msg);
+        let v = format!("Bearer {token}").parse().map_err(|_| Status::internal("token not representable"))?;
+        req.metadata_mut().insert("authorization", v);
+        Ok(req)
+    }
+}
+
+#[tonic::async_trait]
+impl Operator for OperatorService {
+    async fn raft_status(&self, req: Request<RaftStatusRequest>) -> Result<Response<RaftStatusReply>, Status> {
+        authorize(&req, &self.admin_token_hash)?;
+        let m = self.node.raft.metrics().borrow().clone();
+        Ok(Response::new(RaftStatusReply {
+            node_id: self.node.id,
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or(0),
+            state: format!("{:?}", m.state),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            members: members(&self.node),
+            snapshots_installed: self.node.stats.snapshots_installed.load(std::sync::atomic::Ordering::Relaxed),
+            first_log_index: self.node.log.first_index().await.unwrap_or(0),
+        }))
+    }
+
+    async fn add_node(&self, req: Request<AddNodeRequest>) -> Result<Response<MembershipReply>, Status> {
+        let token = authorize(&req, &self.admin_token_hash)?;
+        let r = req.into_inner();
+        if r.id == 0 || r.grpc_addr.is_empty() || r.api_addr.is_empty() {
+            return Err(Status::invalid_argument("id (> 0), grpc_addr and api_addr are required"));
+        }
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.add_node(Self::forwarded(&token, r)?).await;
+        }
+        let info = NodeInfo { grpc_addr: r.grpc_addr.clone(), api_addr: r.api_addr.clone() };
+        self.node
+            .raft
+            .add_learner(r.id, info, true)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("adding node {} as learner: {e}", r.id)))?;
+        let mut voters: BTreeSet<u64> =
+            self.node.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        voters.insert(r.id);
+        self.node
+            .raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("promoting node {} to voter: {e}", r.id)))?;
+        tracing::info!(node = r.id, grpc = %r.grpc_addr, "control-plane node added");
+        Ok(Response::new(MembershipReply { members: members(&self.node) }))
+    }
+
+    async fn remove_node(&self, req: Request<RemoveNodeRequest>) -> Result<Response<MembershipReply>, Status> {
+        let token = authorize(&req, &self.admin_token_hash)?;
+        let r = req.into_inner();
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.remove_node(Self::forwarded(&token, r)?).await;
+        }
+        let membership = self.node.raft.metrics().borrow().membership_config.membership().clone();
+        if membership.get_node(&r.id).is_none() {
+            return Err(Status::not_found(format!("node {} is not a member", r.id)));
+        }
+        let voters: BTreeSet<u64> = membership.voter_ids().filter(|v| *v != r.id).collect();
+        if voters.is_empty() {
+            return Err(Status::failed_precondition("cannot remove the last voter"));
+        }
+        self.node
+            .raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("removing node {}: {e}", r.id)))?;
+        let mut gone = BTreeSet::new();
+        gone.insert(r.id);
+        if let Err(e) = self.node.raft.change_membership(ChangeMembers::RemoveNodes(gone), false).await {
+            tracing::warn!(node = r.id, error = %e, "node left the voters but is still listed as learner");
+        }
+        tracing::info!(node = r.id, "control-plane node removed");
+        Ok(Response::new(MembershipReply { members: members(&self.node) }))
+    }
+
+    async fn list_hosts(&self, req: Request<ListHostsRequest>) -> Result<Response<ListHostsReply>, Status> {
+        authorize(&req, &self.admin_token_hash)?;
+        self.read().await?;
+        let hosts = query::hosts(self.node.store.pool()).await.map_err(internal)?;
+        let hosts = hosts
+            .into_iter()
+            .map(|h| HostInfo {
+                last_heartbeat: self.liveness.get(&h.id).map(|s| s.wall).unwrap_or_default(),
+                id: h.id,
+                hostname: h.hostname,
+                agent_addr: h.agent_addr,
+                zone: h.zone,
+                state: h.state,
+                cores: h.cores as u32,
+                memory_bytes: h.memory_bytes as u64,
+                disk_free_bytes: h.disk_free_bytes as u64,
+                pg_host: h.pg_host,
+                pg_port: h.pg_port as u32,
+            })
+            .collect();
+        Ok(Response::new(ListHostsReply { hosts }))
+    }
+
+    async fn list_clusters(&self, req: Request<ListClustersRequest>) -> Result<Response<ListClustersReply>, Status> {
+        authorize(&req, &self.admin_token_hash)?;
+        self.read().await?;
+        let pool = self.node.store.pool();
+        let counts = query::database_counts(pool).await.map_err(internal)?;
+        let clusters = query::clusters(pool)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|c| ClusterInfo {
+                databases: counts.iter().find(|(id, _)| id == &c.id).map(|(_, n)| *n as u32).unwrap_or(0),
+                id: c.id,
+                pg_major: c.pg_major as u32,
+                primary_host: c.primary_host,
+                epoch: c.epoch as u64,
+                port: c.port as u32,
+                state: c.state,
+            })
+            .collect();
+        Ok(Response::new(ListClustersReply { clusters }))
+    }
+
+    async fn list_databases(&self, req: Request<ListDatabasesRequest>) -> Result<Response<ListDatabasesReply>, Status> {
+        authorize(&req, &self.admin_token_hash)?;
+        self.read().await?;
+        let dbs = query::all_databases(self.node.store.pool()).await.map_err(internal)?;
+        let databases = dbs
+            .into_iter()
+            .map(|d| DatabaseInfo {
+                id: d.id,
+                name: d.name,
+                owner: d.owner,
+                state: d.state,
+                cluster_id: d.cluster_id,
+                availability: d.availability,
+                created_at: d.created_at,
+            })
+            .collect();
+        Ok(Response::new(ListDatabasesReply { databases }))
+    }
+
+    async fn get_operation(&self, req: Request<GetOperationRequest>) -> Result<Response<OperationInfo>, Status> {
+        authorize(&req, &self.admin_token_hash)?;
+        self.read().await?;
+        let id = req.into_inner().id;
+        let op = query::operation(self.node.store.pool(), &id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("operation {id} does not exist")))?;
+        Ok(Response::new(OperationInfo {
+            id: op.id,
+            kind: op.kind,
+            database_id: op.database_id,
+            state: op.state,
+            step: op.step,
+            attempts: op.attempts as u32,
+            error: op.error,
+            created_at: op.created_at,
+            updated_at: op.updated_at,
+        }))
+    }
+}

@@ -1,0 +1,59 @@
+//! In-memory heartbeat bookkeeping on the leader. Heartbeats are not Raft writes: only the
+//! transitions they cause (a host going `down` or coming back) are replicated.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use steward_proto::v1::InstanceStatus;
+
+/// What the last heartbeat of a host said, and when it came.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub wall: String,
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// Last heartbeat per host id.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    hosts: Mutex<HashMap<String, Seen>>,
+}
+
+impl Liveness {
+    /// Records a heartbeat.
+    pub fn beat(&self, host_id: &str, instances: Vec<InstanceStatus>) {
+        let seen = Seen { at: Instant::now(), wall: crate::now(), instances };
+        if let Ok(mut h) = self.hosts.lock() {
+            h.insert(host_id.to_string(), seen);
+        }
+    }
+
+    /// The last heartbeat of a host, if any arrived since this node started.
+    pub fn get(&self, host_id: &str) -> Option<Seen> {
+        self.hosts.lock().ok().and_then(|h| h.get(host_id).cloned())
+    }
+}
+
+/// Whether a host has missed its heartbeats: nothing for `down_after` since `since`, where
+/// `since` is its last heartbeat or, if none arrived yet, when this node became leader.
+pub fn is_overdue(last: Option<Instant>, leader_since: Instant, now: Instant, down_after: std::time::Duration) -> bool {
+    let reference = last.map_or(leader_since, |l| l.max(leader_since));
+    now.saturating_duration_since(reference) > down_after
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn overdue_counts_from_leadership_when_no_heartbeat_seen() {
+        let t0 = Instant::now();
+        let d = Duration::from_secs(3);
+        assert!(!is_overdue(None, t0, t0 + Duration::from_secs(2), d));
+        assert!(is_overdue(None, t0, t0 + Duration::from_secs(4), d));
+        assert!(!is_overdue(Some(t0 + Duration::from_secs(3)), t0, t0 + Duration::from_secs(5), d));
+    }
+}

@@ -1,0 +1,79 @@
+//! Reconcilers: leader-only loops that compare the replicated desired state with what agents
+//! report and drive agents with idempotent, epoch-carrying commands.
+
+pub mod hosts;
+pub mod liveness;
+pub mod placement;
+pub mod provision;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::grpc::agent_client::AgentClients;
+use crate::metrics::Metrics;
+use crate::raft::node::RaftNode;
+use crate::state::query;
+use liveness::Liveness;
+
+/// What every reconciler needs.
+pub struct Ctx {
+    pub node: Arc<RaftNode>,
+    pub liveness: Arc<Liveness>,
+    pub agents: AgentClients,
+    pub metrics: Arc<Metrics>,
+    /// A host with no heartbeat for this long is marked `down`.
+    pub down_after: Duration,
+    /// Operations being worked on by this node.
+    in_flight: Mutex<HashSet<String>>,
+}
+
+impl Ctx {
+    pub fn new(node: Arc<RaftNode>, liveness: Arc<Liveness>, metrics: Arc<Metrics>, down_after: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            liveness,
+            agents: AgentClients::default(),
+            metrics,
+            down_after,
+            in_flight: Mutex::new(HashSet::new()),
+        })
+    }
+}
+
+/// Runs the reconcilers forever; they act only while this node leads.
+pub async fn run(ctx: Arc<Ctx>) {
+    let mut leader_since: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !ctx.node.is_leader() {
+            leader_since = None;
+            continue;
+        }
+        let since = *leader_since.get_or_insert_with(Instant::now);
+        if let Err(e) = hosts::mark_overdue(&ctx, since).await {
+            tracing::warn!(error = %e, "host liveness check failed");
+        }
+        match query::running_operations(ctx.node.store.pool()).await {
+            Ok(ops) => {
+                for op in ops {
+                    let fresh = ctx.in_flight.lock().map(|mut s| s.insert(op.id.clone())).unwrap_or(false);
+                    if !fresh {
+                        continue;
+                    }
+                    let ctx2 = ctx.clone();
+                    tokio::spawn(async move {
+                        let id = op.id.clone();
+                        provision::run(&ctx2, op).await;
+                        if let Ok(mut s) = ctx2.in_flight.lock() {
+                            s.remove(&id);
+                        }
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing running operations failed"),
+        }
+    }
+}

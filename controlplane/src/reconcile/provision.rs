@@ -1,0 +1,147 @@
+//! The provision operation: make sure the cluster's instance runs on its host, create the
+//! database and owner role, then mark the database `active`. Each step is idempotent, so a new
+//! leader simply runs the operation again from the start.
+
+use std::time::Duration;
+
+use steward_proto::v1::{EnsureDatabaseRequest, EnsureInstanceRequest};
+
+use super::Ctx;
+use crate::state::model::{cluster_state, host_state, Operation};
+use crate::state::{query, Command};
+
+/// Attempts before a provision is declared failed.
+pub const MAX_ATTEMPTS: i64 = 8;
+
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// Worth retrying later (agent unreachable, host down, ...).
+    #[error("{0}")]
+    Retry(String),
+    /// This node stopped leading or the operation vanished: stop quietly.
+    #[error("{0}")]
+    Abandon(String),
+}
+
+/// Drives one provision operation until it succeeds, fails for good, or this node stops leading.
+pub async fn run(ctx: &Ctx, op: Operation) {
+    let mut attempts = op.attempts;
+    loop {
+        if !ctx.node.is_leader() {
+            return;
+        }
+        match attempt(ctx, &op, attempts).await {
+            Ok(()) => {
+                let cmd = Command::FinishProvision {
+                    operation_id: op.id.clone(),
+                    succeeded: true,
+                    error: String::new(),
+                    at: crate::now(),
+                };
+                if let Err(e) = ctx.node.write(cmd).await {
+                    tracing::warn!(op = %op.id, error = %e, "recording provision success failed; will retry");
+                    continue;
+                }
+                tracing::info!(op = %op.id, database = %op.database_id, "database provisioned");
+                return;
+            }
+            Err(StepError::Abandon(why)) => {
+                tracing::info!(op = %op.id, %why, "provision handed over");
+                return;
+            }
+            Err(StepError::Retry(error)) => {
+                attempts += 1;
+                ctx.metrics.agent_calls_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(op = %op.id, attempts, %error, "provision step failed");
+                let cmd = if attempts >= MAX_ATTEMPTS {
+                    Command::FinishProvision { operation_id: op.id.clone(), succeeded: false, error, at: crate::now() }
+                } else {
+                    Command::UpdateOperation {
+                        id: op.id.clone(),
+                        step: "retrying".into(),
+                        attempts,
+                        error,
+                        at: crate::now(),
+                    }
+                };
+                let last = attempts >= MAX_ATTEMPTS;
+                if let Err(e) = ctx.node.write(cmd).await {
+                    tracing::warn!(op = %op.id, error = %e, "recording provision progress failed");
+                }
+                if last {
+                    return;
+                }
+                let backoff = Duration::from_millis(500u64.saturating_mul(1 << attempts.min(6)));
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+}
+
+async fn step(ctx: &Ctx, op: &Operation, attempts: i64, name: &str) -> Result<(), StepError> {
+    let cmd = Command::UpdateOperation {
+        id: op.id.clone(),
+        step: name.into(),
+        attempts,
+        error: String::new(),
+        at: crate::now(),
+    };
+    match ctx.node.write(cmd).await {
+        Ok(crate::state::Response::Done) => Ok(()),
+        Ok(_) => Err(StepError::Abandon("operation is no longer running".into())),
+        Err(e) => Err(StepError::Retry(e.to_string())),
+    }
+}
+
+async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepError> {
+    let pool = ctx.node.store.pool();
+    let read = |e: sqlx::Error| StepError::Retry(format!("reading state: {e}"));
+    let db = query::database(pool, &op.database_id)
+        .await
+        .map_err(read)?
+        .ok_or_else(|| StepError::Abandon("database vanished".into()))?;
+    let cluster = query::cluster(pool, &db.cluster_id)
+        .await
+        .map_err(read)?
+        .ok_or_else(|| StepError::Abandon("cluster vanished".into()))?;
+    let host = query::host(pool, &cluster.primary_host)
+        .await
+        .map_err(read)?
+        .ok_or_else(|| StepError::Abandon("host vanished".into()))?;
+    if host.state != host_state::ACTIVE {
+        return Err(StepError::Retry(format!("host {} is {}; waiting for it to come back", host.id, host.state)));
+    }
+    let mut agent = ctx.agents.get(&host.agent_addr).await.map_err(|e| StepError::Retry(e.to_string()))?;
+    let agent_err =
+        |what: &str, s: tonic::Status| StepError::Retry(format!("agent {} {what}: {}", host.id, s.message()));
+
+    step(ctx, op, attempts, "ensure_instance").await?;
+    let mut req = tonic::Request::new(EnsureInstanceRequest {
+        cluster_id: cluster.id.clone(),
+        epoch: cluster.epoch as u64,
+        pg_major: cluster.pg_major as u32,
+        port: cluster.port as u32,
+    });
+    req.set_timeout(Duration::from_secs(180));
+    agent.ensure_instance(req).await.map_err(|s| agent_err("ensure_instance", s))?;
+    if cluster.state == cluster_state::CREATING {
+        let cmd = Command::SetClusterState {
+            cluster_id: cluster.id.clone(),
+            state: cluster_state::READY.into(),
+            at: crate::now(),
+        };
+        ctx.node.write(cmd).await.map_err(|e| StepError::Retry(e.to_string()))?;
+    }
+
+    step(ctx, op, attempts, "ensure_database").await?;
+    let mut req = tonic::Request::new(EnsureDatabaseRequest {
+        cluster_id: cluster.id.clone(),
+        epoch: cluster.epoch as u64,
+        database: db.pg_name.clone(),
+        role: db.role_name.clone(),
+        password_scram: steward_agent::pg::scram_verifier(&db.password),
+    });
+    req.set_timeout(Duration::from_secs(60));
+    agent.ensure_database(req).await.map_err(|s| agent_err("ensure_database", s))?;
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! Applies one [`Command`] inside the caller's transaction. Deterministic: the same command on
+//! the same state gives the same rows and [`Response`] on every node.
+
+use sqlx::SqliteConnection;
+
+use super::command::{Command, Response};
+use super::model::{db_state, op_state};
+
+/// Applies `cmd`; an `Err` is a storage failure (the transaction is rolled back by the caller).
+pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Response, sqlx::Error> {
+    match cmd {
+        Command::CreateTeam { name, contact, token_hash, at, actor } => {
+            let exists: Option<(String,)> =
+                sqlx::query_as("SELECT name FROM teams WHERE name = ?").bind(name).fetch_optional(&mut *conn).await?;
+            if exists.is_some() {
+                audit(conn, at, actor, "team.create", name, "conflict").await?;
+                return Ok(Response::Conflict { message: format!("team '{name}' already exists") });
+            }
+            sqlx::query("INSERT INTO teams (name, contact, token_hash, created_at) VALUES (?, ?, ?, ?)")
+                .bind(name)
+                .bind(contact)
+                .bind(token_hash)
+                .bind(at)
+                .execute(&mut *conn)
+                .await?;
+            audit(conn, at, actor, "team.create", name, "ok").await?;
+            Ok(Response::Done)
+        }
+        Command::UpsertHost { host } => {
+            sqlx::query(
+                "INSERT INTO hosts (id, hostname, agent_addr, zone, cores, memory_bytes, memory_budget_bytes,
+                    disk_free_bytes, disk_total_bytes, data_path, agent_version, pg_major, pg_host, pg_port,
+                    state, registered_at, state_changed_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, agent_addr = excluded.agent_addr,
+                    zone = excluded.zone, cores = excluded.cores, memory_bytes = excluded.memory_bytes,
+                    memory_budget_bytes = excluded.memory_budget_bytes, disk_free_bytes = excluded.disk_free_bytes,
+                    disk_total_bytes = excluded.disk_total_bytes, data_path = excluded.data_path,
+                    agent_version = excluded.agent_version, pg_major = excluded.pg_major,
+                    pg_host = excluded.pg_host, pg_port = excluded.pg_port,
+                    state_changed_at = CASE WHEN hosts.state = excluded.state THEN hosts.state_changed_at
+                                            ELSE excluded.state_changed_at END,
+                    state = excluded.state",
+            )
+            .bind(&host.id)
+            .bind(&host.hostname)
+            .bind(&host.agent_addr)
+            .bind(&host.zone)
+            .bind(host.cores)
+            .bind(host.memory_bytes)
+            .bind(host.memory_budget_bytes)
+            .bind(host.disk_free_bytes)
+            .bind(host.disk_total_bytes)
+            .bind(&host.data_path)
+            .bind(&host.agent_version)
+            .bind(host.pg_major)
+            .bind(&host.pg_host)
+            .bind(host.pg_port)
+            .bind(&host.state)
+            .bind(&host.registered_at)
+            .bind(&host.state_changed_at)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Response::Done)
+        }
+        Command::SetHostState { host_id, state, at } => {
+            let r = sqlx::query("UPDATE hosts SET state = ?, state_changed_at = ? WHERE id = ? AND state <> ?")
+                .bind(state)
+                .bind(at)
+                .bind(host_id)
+                .bind(state)
+                .execute(&mut *conn)
+                .await?;
+            if r.rows_affected() == 1 {
+                audit(conn, at, "controlplane", "host.state", host_id, state).await?;
+            }
+            Ok(Response::Done)
+        }
+        Command::CreateDatabase { database: db, new_cluster, operation, idempotency_key, actor } => {
+            if let Some(key) = idempotency_key {
+                let prior: Option<(String,)> =
+                    sqlx::query_as("SELECT database_id FROM idempotency_keys WHERE team = ? AND key = ?")
+                        .bind(&db.owner)
+                        .bind(key)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                if let Some((id,)) = prior {
+                    return Ok(Response::DatabaseCreated { id, existing: true });
+                }
+            }
+            let team: Option<(String,)> = sqlx::query_as("SELECT name FROM teams WHERE name = ?")
+                .bind(&db.owner)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if team.is_none() {
+                return Ok(Response::NotFound { message: format!("owner team '{}' does not exist", db.owner) });
+            }
+            let dup: Option<(String,)> =
+                sqlx::query_as("SELECT id FROM databases WHERE owner = ? AND name = ? AND state <> 'deleted'")
+                    .bind(&db.owner)
+                    .bind(&db.name)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if dup.is_some() {
+                audit(conn, &db.created_at, actor, "database.create", &db.name, "conflict").await?;
+                return Ok(Response::Conflict {
+                    message: format!("team '{}' already has a database named '{}'", db.owner, db.name),
+                });
+            }
+            let pg_taken: Option<(String,)> =
+                sqlx::query_as("SELECT id FROM databases WHERE cluster_id = ? AND pg_name = ? AND state <> 'deleted'")
+                    .bind(&db.cluster_id)
+                    .bind(&db.pg_name)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if pg_taken.is_some() {
+                return Ok(Response::Conflict {
+                    message: "placement raced with another create; retry the request".to_string(),
+                });
+            }
+            if let Some(c) = new_cluster {
+                let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM clusters WHERE id = ?")
+                    .bind(&c.id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if exists.is_none() {
+                    sqlx::query(
+                        "INSERT INTO clusters (id, pg_major, primary_host, port, epoch, state, created_at)
+                         VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&c.id)
+                    .bind(c.pg_major)
+                    .bind(&c.primary_host)
+                    .bind(c.port)
+                    .bind(c.epoch)
+                    .bind(&c.state)
+                    .bind(&c.created_at)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+            }
+            sqlx::query(
+                "INSERT INTO databases (id, name, owner, purpose, plan, availability, backup_retention_days, state,
+                    cluster_id, pg_name, role_name, password, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&db.id)
+            .bind(&db.name)
+            .bind(&db.owner)
+            .bind(&db.purpose)
+            .bind(&db.plan)
+            .bind(&db.availability)
+            .bind(db.backup_retention_days)
+            .bind(&db.state)
+            .bind(&db.cluster_id)
+            .bind(&db.pg_name)
+            .bind(&db.role_name)
+            .bind(&db.password)
+            .bind(&db.created_at)
+            .bind(&db.updated_at)
+            .execute(&mut *conn)
+            .await?;
+            event(conn, &db.id, &db.created_at, &db.state, "created").await?;
+            insert_operation(conn, operation).await?;
+            if let Some(key) = idempotency_key {
+                sqlx::query("INSERT INTO idempotency_keys (team, key, database_id) VALUES (?, ?, ?)")
+                    .bind(&db.owner)
+                    .bind(key)
+                    .bind(&db.id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            audit(conn, &db.created_at, actor, "database.create", &db.id, "accepted").await?;
+            Ok(Response::DatabaseCreated { id: db.id.clone(), existing: false })
+        }
+        Command::UpdateOperation { id, step, attempts, error, at } => {
+            let r = sqlx::query(
+                "UPDATE operations SET step = ?, attempts = ?, error = ?, updated_at = ? WHERE id = ? AND state = ?",
+            )
+            .bind(step)
+            .bind(attempts)
+            .bind(error)
+            .bind(at)
+            .bind(id)
+            .bind(op_state::RUNNING)
+            .execute(&mut *conn)
+            .await?;
+            Ok(if r.rows_affected() == 1 {
+                Response::Done
+            } else {
+                Response::NotFound { message: format!("no running operation {id}") }
+            })
+        }
+        Command::SetClusterState { cluster_id, state, .. } => {
+            sqlx::query("UPDATE clusters SET state = ? WHERE id = ?")
+                .bind(state)
+                .bind(cluster_id)
+                .execute(&mut *conn)
+                .await?;
+            Ok(Response::Done)
+        }
+        Command::FinishProvision { operation_id, succeeded, error, at } => {
+            let op: Option<(String,)> = sqlx::query_as("SELECT database_id FROM operations WHERE id = ? AND state = ?")
+                .bind(operation_id)
+                .bind(op_state::RUNNING)
+                .fetch_optional(&mut *conn)
+                .await?;
+            let Some((database_id,)) = op else {
+                return Ok(Response::NotFound { message: format!("no running operation {operation_id}") });
+            };
+            let (op_final, db_final, step) = if *succeeded {
+                (op_state::SUCCEEDED, db_state::ACTIVE, "done")
+            } else {
+                (op_state::FAILED, db_state::FAILED, "failed")
+            };
+            sqlx::query("UPDATE operations SET state = ?, step = ?, error = ?, updated_at = ? WHERE id = ?")
+                .bind(op_final)
+                .bind(step)
+                .bind(error)
+                .bind(at)
+                .bind(operation_id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("UPDATE databases SET state = ?, updated_at = ? WHERE id = ? AND state = ?")
+                .bind(db_final)
+                .bind(at)
+                .bind(&database_id)
+                .bind(db_state::PROVISIONING)
+                .execute(&mut *conn)
+                .await?;
+            event(conn, &database_id, at, db_final, if *succeeded { "provisioned" } else { error }).await?;
+            audit(conn, at, "controlplane", "database.provision", &database_id, op_final).await?;
+            Ok(Response::Done)
+        }
+    }
+}
+
+async fn insert_operation(conn: &mut SqliteConnection, op: &super::model::Operation) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO operations (id, kind, database_id, state, step, attempts, error, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&op.id)
+    .bind(&op.kind)
+    .bind(&op.database_id)
+    .bind(&op.state)
+    .bind(&op.step)
+    .bind(op.attempts)
+    .bind(&op.error)
+    .bind(&op.created_at)
+    .bind(&op.updated_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn event(conn: &mut SqliteConnection, db: &str, at: &str, state: &str, note: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO database_events (database_id, at, state, note) VALUES (?, ?, ?, ?)")
+        .bind(db)
+        .bind(at)
+        .bind(state)
+        .bind(note)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn audit(
+    conn: &mut SqliteConnection,
+    at: &str,
+    actor: &str,
+    action: &str,
+    target: &str,
+    outcome: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO audit (at, actor, action, target, outcome) VALUES (?, ?, ?, ?, ?)")
+        .bind(at)
+        .bind(actor)
+        .bind(action)
+        .bind(target)
+        .bind(outcome)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! Commands appended to the Raft log and their results. Every field a command needs is decided by
+//! the proposer (ids, timestamps, tokens), so applying it is deterministic on every node; checks
+//! that must not race (unique names, idempotency keys) happen at apply time.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{Cluster, Database, Host, Operation};
+
+/// One change to the replicated state. (Variants differ in size; commands are short-lived and
+/// serialized right away, so boxing would buy nothing.)
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    CreateTeam {
+        name: String,
+        contact: String,
+        token_hash: String,
+        at: String,
+        actor: String,
+    },
+    /// Registration (or re-registration with new facts) of a host.
+    UpsertHost {
+        host: Host,
+    },
+    SetHostState {
+        host_id: String,
+        state: String,
+        at: String,
+    },
+    /// A new database with its provisioning operation, placed on an existing or a new cluster.
+    CreateDatabase {
+        database: Database,
+        new_cluster: Option<Cluster>,
+        operation: Operation,
+        idempotency_key: Option<String>,
+        actor: String,
+    },
+    /// Progress of an operation that is still running.
+    UpdateOperation {
+        id: String,
+        step: String,
+        attempts: i64,
+        error: String,
+        at: String,
+    },
+    SetClusterState {
+        cluster_id: String,
+        state: String,
+        at: String,
+    },
+    /// Ends a provisioning operation: the database becomes `active` (or `failed`).
+    FinishProvision {
+        operation_id: String,
+        succeeded: bool,
+        error: String,
+        at: String,
+    },
+}
+
+/// What applying a command produced; conflicts are results, not errors, so every node agrees.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// Membership changes and blank entries.
+    Empty,
+    Done,
+    /// The database was created now (`existing: false`) or an earlier create with the same
+    /// idempotency key is returned (`existing: true`).
+    DatabaseCreated {
+        id: String,
+        existing: bool,
+    },
+    Conflict {
+        message: String,
+    },
+    NotFound {
+        message: String,
+    },
+}

@@ -1,0 +1,106 @@
+//! Records of the replicated state, as stored in SQLite and carried inside Raft commands.
+
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle states of a database (DESIGN.md: provisioning → active → deprecated → archived →
+/// deleted, plus failed).
+pub mod db_state {
+    pub const PROVISIONING: &str = "provisioning";
+    pub const ACTIVE: &str = "active";
+    pub const FAILED: &str = "failed";
+}
+
+/// Host states: `active` hosts receive new databases; `down` hosts missed their heartbeats.
+pub mod host_state {
+    pub const ACTIVE: &str = "active";
+    pub const DOWN: &str = "down";
+}
+
+/// Cluster states: `creating` until its first instance answered, then `ready`.
+pub mod cluster_state {
+    pub const CREATING: &str = "creating";
+    pub const READY: &str = "ready";
+}
+
+/// Operation states.
+pub mod op_state {
+    pub const RUNNING: &str = "running";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+}
+
+/// A product team: owns databases and authenticates with a token whose SHA-256 is stored here.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct Team {
+    pub name: String,
+    pub contact: String,
+    pub token_hash: String,
+    pub created_at: String,
+}
+
+/// A database host as its agent described it at registration.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct Host {
+    pub id: String,
+    pub hostname: String,
+    pub agent_addr: String,
+    pub zone: String,
+    pub cores: i64,
+    pub memory_bytes: i64,
+    pub memory_budget_bytes: i64,
+    pub disk_free_bytes: i64,
+    pub disk_total_bytes: i64,
+    pub data_path: String,
+    pub agent_version: String,
+    pub pg_major: i64,
+    pub pg_host: String,
+    pub pg_port: i64,
+    pub state: String,
+    pub registered_at: String,
+    pub state_changed_at: String,
+}
+
+/// A PostgreSQL cluster: for `single` availability, one instance on one host.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct Cluster {
+    pub id: String,
+    pub pg_major: i64,
+    pub primary_host: String,
+    pub port: i64,
+    pub epoch: i64,
+    pub state: String,
+    pub created_at: String,
+}
+
+/// A database as product teams see it, plus its placement and credentials.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct Database {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub purpose: String,
+    pub plan: String,
+    pub availability: String,
+    pub backup_retention_days: i64,
+    pub state: String,
+    pub cluster_id: String,
+    pub pg_name: String,
+    pub role_name: String,
+    pub password: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A durable multi-step job (provision, later failover, move, ...), resumed by whichever node leads.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct Operation {
+    pub id: String,
+    pub kind: String,
+    pub database_id: String,
+    pub state: String,
+    pub step: String,
+    pub attempts: i64,
+    pub error: String,
+    pub created_at: String,
+    pub updated_at: String,
+}

@@ -1,0 +1,84 @@
+//! Read queries over the replicated state. Callers make reads linearizable first (see
+//! `raft::node::RaftNode::linearizable_read`); these functions only read the local copy.
+
+use sqlx::SqlitePool;
+
+use super::model::{Cluster, Database, Host, Operation, Team};
+
+/// The team whose token hashes to `token_hash`.
+pub async fn team_by_token_hash(pool: &SqlitePool, token_hash: &str) -> Result<Option<Team>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM teams WHERE token_hash = ?").bind(token_hash).fetch_optional(pool).await
+}
+
+pub async fn team(pool: &SqlitePool, name: &str) -> Result<Option<Team>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM teams WHERE name = ?").bind(name).fetch_optional(pool).await
+}
+
+pub async fn database(pool: &SqlitePool, id: &str) -> Result<Option<Database>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM databases WHERE id = ?").bind(id).fetch_optional(pool).await
+}
+
+/// Databases of one owner, oldest first.
+pub async fn databases_of(pool: &SqlitePool, owner: &str) -> Result<Vec<Database>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM databases WHERE owner = ? AND state <> 'deleted' ORDER BY created_at, id")
+        .bind(owner)
+        .fetch_all(pool)
+        .await
+}
+
+pub async fn all_databases(pool: &SqlitePool) -> Result<Vec<Database>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM databases ORDER BY created_at, id").fetch_all(pool).await
+}
+
+pub async fn databases_in_cluster(pool: &SqlitePool, cluster_id: &str) -> Result<Vec<Database>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM databases WHERE cluster_id = ? AND state <> 'deleted'")
+        .bind(cluster_id)
+        .fetch_all(pool)
+        .await
+}
+
+pub async fn operation(pool: &SqlitePool, id: &str) -> Result<Option<Operation>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM operations WHERE id = ?").bind(id).fetch_optional(pool).await
+}
+
+pub async fn running_operations(pool: &SqlitePool) -> Result<Vec<Operation>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM operations WHERE state = 'running' ORDER BY created_at").fetch_all(pool).await
+}
+
+/// The operation that provisions a database (its latest one).
+pub async fn provision_operation_of(pool: &SqlitePool, database_id: &str) -> Result<Option<Operation>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM operations WHERE database_id = ? AND kind = 'provision' ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(database_id)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn hosts(pool: &SqlitePool) -> Result<Vec<Host>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM hosts ORDER BY id").fetch_all(pool).await
+}
+
+pub async fn host(pool: &SqlitePool, id: &str) -> Result<Option<Host>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM hosts WHERE id = ?").bind(id).fetch_optional(pool).await
+}
+
+pub async fn clusters(pool: &SqlitePool) -> Result<Vec<Cluster>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM clusters ORDER BY id").fetch_all(pool).await
+}
+
+pub async fn cluster(pool: &SqlitePool, id: &str) -> Result<Option<Cluster>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM clusters WHERE id = ?").bind(id).fetch_optional(pool).await
+}
+
+/// Number of live databases per cluster, for placement.
+pub async fn database_counts(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT cluster_id, COUNT(*) FROM databases WHERE state <> 'deleted' GROUP BY cluster_id")
+        .fetch_all(pool)
+        .await
+}
+
+/// `(state, count)` rows for a table with a `state` column, for metrics.
+pub async fn count_by_state(pool: &SqlitePool, table: &'static str) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT state, COUNT(*) FROM {table} GROUP BY state")).fetch_all(pool).await
+}

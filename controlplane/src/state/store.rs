@@ -1,0 +1,152 @@
+//! The SQLite file that holds the replicated state: opening it (with migrations), durable
+//! settings, consistent snapshot copies and snapshot installation.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, Sqlite, Transaction};
+
+/// Failures of the state store. Displayed to operators, so each says which file was involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}")]
+    Sqlite { path: PathBuf, source: sqlx::Error },
+    #[error("migrating state database {path}: {source}")]
+    Migrate { path: PathBuf, source: sqlx::migrate::MigrateError },
+    #[error("state database {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Migrations of the state schema, embedded so a binary always carries its own schema.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Handle to the state database. Cloning is cheap (shares the pool).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+/// Connection options shared by the state and log databases: WAL journal, full fsync on commit.
+pub fn durable_options(path: &Path) -> Result<SqliteConnectOptions, sqlx::Error> {
+    Ok(SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(false)
+        .busy_timeout(std::time::Duration::from_secs(10)))
+}
+
+impl Store {
+    /// Opens (creating if needed) `state.db` in `dir` and brings its schema up to date.
+    pub async fn open(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join("state.db");
+        let err = |source| StateError::Sqlite { path: path.clone(), source };
+        let opts = durable_options(&path).map_err(err)?;
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await.map_err(err)?;
+        MIGRATOR.run(&pool).await.map_err(|source| StateError::Migrate { path: path.clone(), source })?;
+        Ok(Self { pool, path })
+    }
+
+    /// The pool, for read queries.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    fn err(&self, source: sqlx::Error) -> StateError {
+        StateError::Sqlite { path: self.path.clone(), source }
+    }
+
+    /// Starts the write transaction in which a batch of log entries is applied.
+    pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StateError> {
+        self.pool.begin().await.map_err(|e| self.err(e))
+    }
+
+    /// Reads one value of the state machine's Raft bookkeeping (`raft_applied`).
+    pub async fn applied_value(&self, key: &str) -> Result<Option<String>, StateError> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT value FROM raft_applied WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Writes a consistent copy of the whole state to `dest` (which must not exist). SQLite's
+    /// `VACUUM INTO` reads inside one transaction, so the copy includes exactly the entries applied
+    /// when it began, together with the matching `raft_applied` rows.
+    pub async fn copy_to(&self, dest: &Path) -> Result<(), StateError> {
+        let _ = std::fs::remove_file(dest);
+        sqlx::query("VACUUM INTO ?")
+            .bind(dest.display().to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Replaces every replicated table's rows with those of the snapshot file `src`, in one
+    /// transaction: readers see either the old state or the new one, never a mix.
+    pub async fn replace_from(&self, src: &Path) -> Result<(), StateError> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        sqlx::query("ATTACH DATABASE ? AS snap")
+            .bind(src.display().to_string())
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let result = async {
+            let tables: Vec<(String,)> = sqlx::query_as(
+                "SELECT name FROM main.sqlite_master WHERE type = 'table'
+                 AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations'",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut tx = conn.begin().await?;
+            for (t,) in &tables {
+                sqlx::query(&format!("DELETE FROM main.\"{t}\"")).execute(&mut *tx).await?;
+                sqlx::query(&format!("INSERT INTO main.\"{t}\" SELECT * FROM snap.\"{t}\"")).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        let detach = sqlx::query("DETACH DATABASE snap").execute(&mut *conn).await;
+        result.map_err(|e| self.err(e))?;
+        detach.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn copy_and_replace_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a").tap_create()).await.unwrap();
+        let b = Store::open(&dir.path().join("b").tap_create()).await.unwrap();
+        sqlx::query("INSERT INTO teams VALUES ('t1','c','h1','now')").execute(a.pool()).await.unwrap();
+        sqlx::query("INSERT INTO teams VALUES ('old','c','h2','now')").execute(b.pool()).await.unwrap();
+        let snap = dir.path().join("snap.db");
+        a.copy_to(&snap).await.unwrap();
+        b.replace_from(&snap).await.unwrap();
+        let names: Vec<(String,)> = sqlx::query_as("SELECT name FROM teams").fetch_all(b.pool()).await.unwrap();
+        assert_eq!(names, vec![("t1".to_string(),)]);
+    }
+
+    trait TapCreate {
+        fn tap_create(self) -> Self;
+    }
+    impl TapCreate for PathBuf {
+        fn tap_create(self) -> Self {
+            std::fs::create_dir_all(&self).unwrap();
+            self
+        }
+    }
+}

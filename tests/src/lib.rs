@@ -1,0 +1,283 @@
+//! Harness for cross-component tests: starts real `steward-controlplane` and `steward-agent`
+//! processes on loopback, talks to them over REST and gRPC, waits on conditions with
+//! deadlines, and cleans up processes and PostgreSQL instances even when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+pub mod sim;
+
+/// Path of a workspace binary (built by `cargo build` before the tests run; `make test` does).
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("STEWARD_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    profile_dir.join(name)
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks; tiny race window accepted in tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// Polls `f` until it returns `Ok(Some(v))` or the deadline passes; the error names `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = String::new();
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = format!("{e:#}"),
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Spawns `program args`, logging to `log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Self> {
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info,openraft=info,sqlx=warn,h2=warn,tower=warn,hyper=warn")
+            .env_remove("STEWARD_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {} (did `cargo build` run?)", program.display()))?;
+        Ok(Self { name: name.into(), child: Some(child) })
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A scratch directory under /tmp that PostgreSQL's OS user can traverse; on drop it stops
+/// every PostgreSQL whose data directory lies inside it.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new(prefix: &str) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp")?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Sends SIGQUIT (immediate shutdown) to every postmaster under `root` and waits for it to exit.
+pub fn stop_postgres_under(root: &Path) {
+    let mut pids = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == "postmaster.pid") {
+                if let Some(pid) = std::fs::read_to_string(&p)
+                    .ok()
+                    .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+                {
+                    pids.push(pid);
+                }
+            } else if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            }
+        }
+    }
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGQUIT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for pid in pids {
+        while Instant::now() < deadline && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        stop_postgres_under(self.dir.path());
+    }
+}
+
+/// One control-plane node process.
+pub struct Node {
+    pub id: u64,
+    pub grpc: String,
+    pub api: String,
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+    pub proc: Option<Proc>,
+}
+
+impl Node {
+    /// Describes a node; `start` runs it.
+    pub fn new(root: &Path, id: u64, token_file: &Path, extra: &[&str]) -> Self {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let api = format!("127.0.0.1:{}", free_port());
+        let dir = root.join(format!("cp-{id}"));
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--node-id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--grpc-listen".into(),
+            grpc.clone(),
+            "--api-listen".into(),
+            api.clone(),
+            "--admin-token-file".into(),
+            token_file.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self { id, grpc, api, dir, args, proc: None }
+    }
+
+    /// `ID=GRPC,API` for `--initial-member`.
+    pub fn member(&self) -> String {
+        format!("{}={},{}", self.id, self.grpc, self.api)
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let log = self.dir.with_extension("log");
+        let log = if self.proc.is_none() && log.exists() {
+            // Keep earlier logs of a restarted node.
+            let n = (1..).find(|n| !self.dir.with_extension(format!("log.{n}")).exists()).unwrap_or(1);
+            let _ = std::fs::rename(&log, self.dir.with_extension(format!("log.{n}")));
+            log
+        } else {
+            log
+        };
+        self.proc = Some(Proc::spawn(&format!("cp-{}", self.id), &bin("steward-controlplane"), &self.args, &log)?);
+        Ok(())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.api, path)
+    }
+}
+
+/// Writes a fresh admin token file and returns (path, token).
+pub fn admin_token(root: &Path) -> Result<(PathBuf, String)> {
+    let token = format!("adm_test_{}", std::process::id());
+    let path = root.join("admin.token");
+    std::fs::write(&path, format!("{token}\n"))?;
+    Ok((path, token))
+}
+
+/// Minimal REST client returning (status, JSON body).
+#[derive(Clone)]
+pub struct Rest {
+    pub http: reqwest::Client,
+}
+
+impl Default for Rest {
+    fn default() -> Self {
+        Self { http: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap_or_default() }
+    }
+}
+
+impl Rest {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let mut rb = self.http.request(method, url);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(b);
+        }
+        let resp = rb.send().await.with_context(|| format!("request to {url}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, json))
+    }
+
+    pub async fn get(&self, url: &str, token: &str) -> Result<(u16, Value)> {
+        self.send(reqwest::Method::GET, url, Some(token), None).await
+    }
+
+    pub async fn post(&self, url: &str, token: &str, body: &Value) -> Result<(u16, Value)> {
+        self.send(reqwest::Method::POST, url, Some(token), Some(body)).await
+    }
+}
+
+/// Waits until `node` answers `/healthz` and reports a leader; returns the leader id.
+pub async fn wait_leader(rest: &Rest, nodes: &[&Node], timeout: Duration) -> Result<u64> {
+    wait_for("a leader all listed nodes agree on", timeout, || async {
+        let mut leaders = Vec::new();
+        for n in nodes {
+            let (s, v) = rest.send(reqwest::Method::GET, &n.url("/healthz"), None, None).await?;
+            if s != 200 {
+                return Ok(None);
+            }
+            match v["leader_id"].as_u64() {
+                Some(l) => leaders.push(l),
+                None => return Ok(None),
+            }
+        }
+        let first = leaders[0];
+        let agreed = leaders.iter().all(|l| *l == first) && nodes.iter().any(|n| n.id == first);
+        Ok(agreed.then_some(first))
+    })
+    .await
+}

