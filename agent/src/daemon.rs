@@ -49,9 +49,17 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         .await
         .map_err(|source| DaemonError::Bind { addr: cfg.listen, source })?;
     let addr = listener.local_addr().map_err(|source| DaemonError::Bind { addr: cfg.listen, source })?;
+    let pg_major = match crate::pg::PgBinaries::discover(cfg.pg_major) {
+        Ok(b) => b.major,
+        Err(e) => {
+            tracing::error!(error = %e, "no usable PostgreSQL server binaries: this host cannot run databases until they are installed");
+            0
+        }
+    };
     let host = Arc::new(Host {
         cfg,
         run_as,
+        pg_major,
         state: Mutex::new(state),
         instances: Mutex::new(HashMap::new()),
         ops: Mutex::new(()),
@@ -115,5 +123,21 @@ impl RunningAgent {
                 }
             }
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM: how daemons (and `systemctl stop`) ask to stop.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
     }
 }

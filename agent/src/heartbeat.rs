@@ -17,7 +17,6 @@ const LEADER_HINT: &str = "x-steward-leader";
 pub async fn facts(host: &Host) -> HostFacts {
     let res = crate::facts::host_resources(&host.cfg.data_path).ok();
     let host_id = host.state.lock().await.host_id.clone();
-    let pg_major = crate::pg::PgBinaries::discover(host.cfg.pg_major).map(|b| b.major).unwrap_or(0);
     HostFacts {
         host_id,
         hostname: crate::facts::hostname(),
@@ -29,7 +28,7 @@ pub async fn facts(host: &Host) -> HostFacts {
         disk_total_bytes: res.as_ref().map(|r| r.disk_total_bytes).unwrap_or(0),
         data_path: host.cfg.data_path.display().to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        pg_major,
+        pg_major: host.pg_major,
         pg_host: host.cfg.pg_host.clone(),
         pg_port: u32::from(host.cfg.pg_port),
         memory_budget_bytes: host.memory_budget(),

@@ -32,25 +32,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let cfg = args.resolve().context("invalid agent configuration")?;
             let agent = steward_agent::daemon::start(cfg).await.context("starting the agent")?;
-            shutdown_signal().await;
+            steward_agent::daemon::shutdown_signal().await;
             tracing::info!("shutting down");
             agent.shutdown().await;
             Ok(())
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
     }
 }

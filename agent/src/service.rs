@@ -20,6 +20,8 @@ use crate::state::{epoch_allowed, AgentState, ClusterRecord};
 pub struct Host {
     pub cfg: AgentConfig,
     pub run_as: RunAs,
+    /// Major version of the PostgreSQL binaries found at start (0 if none were found).
+    pub pg_major: u32,
     pub state: Mutex<AgentState>,
     pub instances: Mutex<HashMap<String, Arc<Instance>>>,
     /// Serialises commands that change instances (initdb, config, start).

@@ -92,7 +92,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  export STEWARD_ADMIN_TOKEN=$(cat {})", data_dir.join("admin.token").display());
     println!("  curl -s -X POST http://{}/v1/teams -H \"Authorization: Bearer $STEWARD_ADMIN_TOKEN\" -H 'Content-Type: application/json' -d '{{\"name\":\"shop\",\"contact\":\"shop@example.com\"}}'", node.api_addr);
     println!("Press Ctrl-C to stop everything (PostgreSQL included).");
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    steward_agent::daemon::shutdown_signal().await;
     println!("Stopping agents and PostgreSQL...");
     for a in agents {
         a.shutdown().await;

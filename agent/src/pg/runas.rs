@@ -85,6 +85,9 @@ impl RunAs {
             cmd.uid(self.uid).gid(self.gid);
         }
         cmd.env("HOME", home).current_dir("/").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Own process group: a Ctrl-C in the agent's terminal must not reach pg_ctl or the
+        // postmaster it forks; the agent stops PostgreSQL itself when it should.
+        cmd.process_group(0);
         cmd
     }
 

@@ -68,7 +68,8 @@ async fn plan_placement(pool: &SqlitePool) -> Result<(String, Option<Cluster>, V
                 cluster.and_then(|c| counts.iter().find(|(id, _)| id == &c.id)).map(|(_, n)| *n as u64).unwrap_or(0);
             Candidate {
                 host_id: h.id.clone(),
-                active: h.state == host_state::ACTIVE,
+                // A host without PostgreSQL binaries (pg_major 0) cannot take databases.
+                active: h.state == host_state::ACTIVE && h.pg_major > 0,
                 memory_budget_bytes: h.memory_budget_bytes as u64,
                 disk_free_bytes: h.disk_free_bytes as u64,
                 cluster_id: cluster.map(|c| c.id.clone()),

@@ -42,26 +42,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let cfg = (*args).resolve().context("invalid configuration")?;
             let node = steward_controlplane::server::start(cfg).await?;
-            shutdown_signal().await;
+            steward_agent::daemon::shutdown_signal().await;
             tracing::info!("shutting down");
             node.shutdown().await;
             Ok(())
         }
         Cmd::Dev(args) => steward_controlplane::dev::run(args).await,
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
     }
 }

@@ -1,0 +1,38 @@
+# Steward — the two commands that matter:
+#   make dev    installs what is missing and runs the product (control plane + 3 agents + PostgreSQL)
+#   make test   fmt check, clippy -D warnings, unit tests and the cross-component tests
+SHELL := /bin/bash
+CARGO ?= cargo
+DATA_DIR ?= ./.steward
+
+.PHONY: all deps build dev test fmt lint unit clean
+
+all: build
+
+deps:
+	@bash packaging/install-deps.sh
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+dev: build
+	@bash packaging/dev.sh target/debug/steward-controlplane "$(DATA_DIR)"
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The cross-component tests spawn the workspace binaries, so build them first. The last line
+# sums every test binary's result ("tests: N passed, N failed").
+test: deps fmt lint
+	$(CARGO) build --workspace --bins
+	@set -o pipefail; mkdir -p target; \
+	$(CARGO) test --workspace --all-targets -- --test-threads=2 2>&1 | tee target/test-output.log; status=$$?; \
+	awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($$(i+1) ~ /^passed/) p += $$i; if ($$(i+1) ~ /^failed/) f += $$i } } \
+	     END { printf "tests: %d passed, %d failed\n", p, f }' target/test-output.log; \
+	exit $$status
+
+clean:
+	$(CARGO) clean
