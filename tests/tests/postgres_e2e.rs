@@ -110,12 +110,19 @@ async fn database_is_created_and_usable() -> Result<()> {
     let uri2 = db2["connection"]["uri"].as_str().context("uri2")?.to_string();
     let (c2, conn2) = tokio_postgres::connect(&uri2, tokio_postgres::NoTls).await?;
     let t2 = tokio::spawn(conn2);
-    // The second owner cannot read the first database.
-    let other = uri.replace(
-        &db["connection"]["user"].as_str().unwrap_or("").to_string(),
-        db2["connection"]["user"].as_str().unwrap_or(""),
+    // The second database's owner cannot even connect to the first database.
+    let c1 = &db["connection"];
+    let c2c = &db2["connection"];
+    let foreign = format!(
+        "postgresql://{}:{}@{}:{}/{}",
+        c2c["user"].as_str().unwrap_or(""),
+        c2c["password"].as_str().unwrap_or(""),
+        c1["host"].as_str().unwrap_or(""),
+        c1["port"],
+        c1["database"].as_str().unwrap_or("")
     );
-    let _ = other;
+    let denied = tokio_postgres::connect(&foreign, tokio_postgres::NoTls).await;
+    ensure!(denied.is_err(), "owner of carts could connect to orders");
     let one: i32 = c2.query_one("SELECT 1", &[]).await?.get(0);
     ensure!(one == 1);
     drop(c2);

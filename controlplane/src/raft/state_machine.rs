@@ -24,6 +24,9 @@ pub struct SmStats {
     pub snapshots_installed: AtomicU64,
     /// Snapshots built locally since start.
     pub snapshots_built: AtomicU64,
+    /// Woken after every applied batch that held commands, so reconcilers react at once
+    /// instead of waiting for their next tick.
+    pub applied: tokio::sync::Notify,
 }
 
 /// State machine over [`Store`]; snapshot files live in `dir`.
@@ -104,11 +107,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut tx = self.store.begin().await.map_err(write_err)?;
         let mut out = Vec::new();
         let mut last = None;
+        let mut commands = false;
         for entry in entries {
             last = Some(entry.log_id);
             let resp = match &entry.payload {
                 EntryPayload::Blank => Response::Empty,
-                EntryPayload::Normal(cmd) => apply(&mut tx, cmd).await.map_err(write_err)?,
+                EntryPayload::Normal(cmd) => {
+                    commands = true;
+                    apply(&mut tx, cmd).await.map_err(write_err)?
+                }
                 EntryPayload::Membership(m) => {
                     let stored = Membership::new(Some(entry.log_id), m.clone());
                     set_applied(&mut tx, "membership", serde_json::to_string(&stored).map_err(write_err)?).await?;
@@ -121,6 +128,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             set_applied(&mut tx, "last_applied", serde_json::to_string(&Some(last)).map_err(write_err)?).await?;
         }
         tx.commit().await.map_err(write_err)?;
+        if commands {
+            self.stats.applied.notify_waiters();
+        }
         Ok(out)
     }
 

@@ -47,7 +47,10 @@ pub async fn run(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ctx.node.stats.applied.notified() => {}
+        }
         if !ctx.node.is_leader() {
             leader_since = None;
             continue;
