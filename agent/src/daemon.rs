@@ -1,17 +1,17 @@
 //! The agent daemon: loads its state, restarts the instances it ran before, serves commands
 //! and heartbeats to the control plane.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use steward_proto::v1::agent_server::AgentServer;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::AgentConfig;
+use crate::host::Host;
 use crate::pg::{PgError, RunAs};
-use crate::service::{AgentService, Host};
+use crate::service::AgentService;
 use crate::state::AgentState;
 
 /// Why the agent could not start.
@@ -56,27 +56,23 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
             0
         }
     };
-    let host = Arc::new(Host {
-        cfg,
-        run_as,
-        pg_major,
-        state: Mutex::new(state),
-        instances: Mutex::new(HashMap::new()),
-        ops: Mutex::new(()),
-    });
+    let host = Arc::new(Host::new(cfg, run_as, pg_major, state));
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
-    // Bring back the instances this host ran before a restart.
+    // Bring back the instances this host ran before a restart. HA primaries are left to the
+    // monitor: they run only with a lease.
     let known = host.state.lock().await.clusters.clone();
     for (cluster_id, rec) in known {
-        match host.ensure_instance(&cluster_id, rec.port, Some(rec.pg_major)).await {
-            Ok(_) => tracing::info!(cluster = %cluster_id, port = rec.port, "instance running"),
-            Err(e) => {
-                tracing::error!(cluster = %cluster_id, error = %e, "could not start instance")
-            }
+        if rec.fenced || (rec.is_primary() && rec.lease_ms > 0) {
+            continue;
+        }
+        match host.apply(&cluster_id, &rec).await {
+            Ok(_) => tracing::info!(cluster = %cluster_id, port = rec.port, role = %rec.role, "instance running"),
+            Err(e) => tracing::error!(cluster = %cluster_id, error = %e, "could not start instance"),
         }
     }
+    crate::monitor::observe_all(&host).await;
 
     let svc = AgentServer::new(AgentService { host: host.clone() });
     let mut rx = stop_rx.clone();
@@ -96,10 +92,18 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         }
     });
     let h = host.clone();
-    let mut rx = stop_rx;
+    let mut rx = stop_rx.clone();
     tasks.spawn(async move {
         tokio::select! {
             _ = crate::heartbeat::run(h) => {}
+            _ = rx.changed() => {}
+        }
+    });
+    let h = host.clone();
+    let mut rx = stop_rx;
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = crate::monitor::run(h) => {}
             _ = rx.changed() => {}
         }
     });

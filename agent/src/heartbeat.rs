@@ -2,13 +2,13 @@
 //! control-plane nodes in turn and follows the leader hint a follower returns.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use steward_proto::v1::control_plane_client::ControlPlaneClient;
 use steward_proto::v1::{HeartbeatRequest, HostFacts, RegisterRequest};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::service::Host;
+use crate::host::Host;
 
 /// Metadata key with the leader's address on a follower's UNAVAILABLE reply.
 const LEADER_HINT: &str = "x-steward-leader";
@@ -37,12 +37,16 @@ pub async fn facts(host: &Host) -> HostFacts {
 
 fn client(addr: &str) -> Option<ControlPlaneClient<Channel>> {
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let ep =
-        Endpoint::from_shared(url).ok()?.connect_timeout(Duration::from_millis(500)).timeout(Duration::from_secs(5));
+    let ep = Endpoint::from_shared(url)
+        .ok()?
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
     Some(ControlPlaneClient::new(ep.connect_lazy()))
 }
 
-/// Runs registration and heartbeats until the task is dropped.
+/// Runs registration and heartbeats until the task is dropped. A heartbeat goes out every
+/// interval the control plane asks for, and at once when the monitor saw a change.
 pub async fn run(host: Arc<Host>) {
     let nodes = host.cfg.control_plane.clone();
     let mut target = nodes.first().cloned().unwrap_or_default();
@@ -50,23 +54,40 @@ pub async fn run(host: Arc<Host>) {
     let mut registered = false;
     let mut interval = Duration::from_millis(1000);
     let mut failures = 0u32;
+    let mut cached: Option<(String, ControlPlaneClient<Channel>)> = None;
     loop {
-        let Some(mut c) = client(&target) else {
+        let c = match &cached {
+            Some((t, c)) if *t == target => Some(c.clone()),
+            _ => client(&target),
+        };
+        let Some(mut c) = c else {
             tracing::error!(control_plane = %target, "invalid control-plane address");
             tokio::time::sleep(Duration::from_secs(5)).await;
             continue;
         };
+        cached = Some((target.clone(), c.clone()));
         let f = facts(&host).await;
+        let sent = Instant::now();
         let result = if registered {
             let instances = host.statuses().await;
-            c.heartbeat(HeartbeatRequest { facts: Some(f), instances }).await.map(|r| {
-                let r = r.into_inner();
-                if !r.known {
-                    tracing::warn!("control plane does not know this host: registering again");
-                    registered = false;
+            match c.heartbeat(HeartbeatRequest { facts: Some(f), instances }).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if !r.known {
+                        tracing::warn!("control plane does not know this host: registering again");
+                        registered = false;
+                    }
+                    let mut rt = host.runtime.lock().await;
+                    for g in &r.leases {
+                        rt.entry(g.cluster_id.clone())
+                            .or_default()
+                            .lease
+                            .granted(sent, Duration::from_millis(u64::from(g.lease_ms)));
+                    }
+                    Ok(r.heartbeat_interval_ms)
                 }
-                r.heartbeat_interval_ms
-            })
+                Err(e) => Err(e),
+            }
         } else {
             c.register(RegisterRequest { facts: Some(f) }).await.map(|r| {
                 let r = r.into_inner();
@@ -79,10 +100,14 @@ pub async fn run(host: Arc<Host>) {
             Ok(ms) => {
                 failures = 0;
                 interval = Duration::from_millis(u64::from(ms.max(50)));
-                tokio::time::sleep(interval).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = host.wake.notified() => {}
+                }
             }
             Err(status) => {
                 failures += 1;
+                cached = None;
                 let hint = status.metadata().get(LEADER_HINT).and_then(|v| v.to_str().ok()).map(str::to_string);
                 match hint {
                     Some(leader) if leader != target => target = leader,
@@ -94,7 +119,7 @@ pub async fn run(host: Arc<Host>) {
                 if failures % 20 == 1 {
                     tracing::warn!(error = %status.message(), next = %target, "control plane call failed; retrying");
                 }
-                tokio::time::sleep(interval.min(Duration::from_millis(200))).await;
+                tokio::time::sleep(interval.min(Duration::from_millis(100))).await;
             }
         }
     }

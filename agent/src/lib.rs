@@ -10,5 +10,8 @@ pub mod pg;
 pub mod config;
 pub mod daemon;
 pub mod heartbeat;
+pub mod host;
+pub mod lease;
+pub mod monitor;
 pub mod service;
 pub mod state;

@@ -8,12 +8,50 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// One cluster this host runs an instance of.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// One cluster this host runs an instance of: what the control plane last asked for, so the
+/// agent can re-apply it after a restart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ClusterRecord {
     pub epoch: u64,
     pub port: u16,
     pub pg_major: u32,
+    /// "primary" or "standby".
+    #[serde(default = "primary")]
+    pub role: String,
+    #[serde(default)]
+    pub member_name: String,
+    #[serde(default)]
+    pub upstream_host: String,
+    #[serde(default)]
+    pub upstream_port: u16,
+    /// Kept in this 0600 file because a standby needs it for its passfile after a restart.
+    #[serde(default)]
+    pub replication_password: String,
+    #[serde(default)]
+    pub synchronous_standby_names: String,
+    #[serde(default)]
+    pub slots: Vec<String>,
+    #[serde(default)]
+    pub slot_name: String,
+    #[serde(default)]
+    pub peer_agents: Vec<String>,
+    /// > 0: an HA primary that must hold a lease (or every peer's acknowledgement) to run.
+    #[serde(default)]
+    pub lease_ms: u32,
+    /// The agent stopped this primary itself and waits for a command with a newer epoch.
+    #[serde(default)]
+    pub fenced: bool,
+}
+
+fn primary() -> String {
+    "primary".into()
+}
+
+impl ClusterRecord {
+    /// True for the primary role.
+    pub fn is_primary(&self) -> bool {
+        self.role != "standby"
+    }
 }
 
 /// Contents of `agent-state.json`.
@@ -74,7 +112,11 @@ impl AgentState {
         std::fs::create_dir_all(dir).map_err(io)?;
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| io(std::io::Error::other(e)))?;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        // Holds replication passwords: readable by the agent's user only.
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?
+        };
         f.write_all(&bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
@@ -100,7 +142,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = AgentState::load_or_new(dir.path(), None).unwrap();
         assert!(s.host_id.starts_with('h'));
-        s.clusters.insert("c1".into(), ClusterRecord { epoch: 2, port: 5432, pg_major: 15 });
+        s.clusters.insert("c1".into(), ClusterRecord { epoch: 2, port: 5432, pg_major: 15, ..Default::default() });
         s.save(dir.path()).unwrap();
         let back = AgentState::load_or_new(dir.path(), None).unwrap();
         assert_eq!(back, s);

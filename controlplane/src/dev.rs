@@ -30,7 +30,8 @@ pub struct DevArgs {
     /// First agent's command port; agent N uses this + N - 1.
     #[arg(long, default_value_t = 7411)]
     pub agent_port: u16,
-    /// First agent's PostgreSQL port; agent N uses this + N - 1.
+    /// First agent's PostgreSQL port; agent N starts at this + 10 × (N - 1) (each host may run
+    /// several instances, on consecutive ports).
     #[arg(long, default_value_t = 55431)]
     pub pg_port: u16,
     /// Memory each agent gives PostgreSQL, in MiB.
@@ -74,7 +75,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             host_id: Some(format!("dev-host-{}", i + 1)),
             pg_host: "127.0.0.1".into(),
             pg_listen: "127.0.0.1".into(),
-            pg_port: args.pg_port + i,
+            pg_port: args.pg_port + 10 * i,
             memory_budget_bytes: Some(args.memory_mb << 20),
             pg_major: None,
             stop_postgres_on_exit: true,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod netns;
 pub mod sim;
 
 /// Path of a workspace binary (built by `cargo build` before the tests run; `make test` does).
@@ -68,6 +69,21 @@ impl Proc {
             .stderr(err)
             .spawn()
             .with_context(|| format!("spawning {} (did `cargo build` run?)", program.display()))?;
+        Ok(Self { name: name.into(), child: Some(child) })
+    }
+
+    /// Spawns a prepared `cmd` (e.g. one entering a network namespace, see
+    /// [`netns::Host::spawn`]) with stdin from /dev/null and stdout and stderr written to `log`
+    /// (created or truncated); the environment and arguments are the caller's.
+    pub fn from_command(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
         Ok(Self { name: name.into(), child: Some(child) })
     }
 
@@ -143,6 +159,13 @@ pub fn stop_postgres_under(root: &Path) {
 impl Drop for Scratch {
     fn drop(&mut self) {
         stop_postgres_under(self.dir.path());
+        // For debugging a failure: STEWARD_KEEP_TEST_DIRS=1 keeps logs and data (PostgreSQL is
+        // stopped either way).
+        if std::env::var_os("STEWARD_KEEP_TEST_DIRS").is_some() {
+            let kept =
+                std::mem::replace(&mut self.dir, tempfile::TempDir::new().unwrap_or_else(|_| std::process::abort()));
+            eprintln!("keeping test directory {}", kept.keep().display());
+        }
     }
 }
 

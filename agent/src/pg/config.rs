@@ -1,10 +1,13 @@
-//! Rendering of the files the agent owns inside PGDATA: `steward.conf`
-//! (included from `postgresql.conf`) and `pg_hba.conf`. Pure functions, so
-//! the exact output is unit tested and writes can be skipped when unchanged.
+//! Rendering of the files the agent owns: `steward.conf` (included from
+//! `postgresql.conf`, with the replication role's settings), `pg_hba.conf` and
+//! the upstream password file next to PGDATA. Pure functions, so the exact
+//! output is unit tested and writes can be skipped when unchanged.
 
 use std::path::Path;
 
+use super::replication::{self, Role, Upstream, REPLICATION_ROLE};
 use super::tuning::Tuning;
+use super::PgError;
 
 /// File name of the agent-managed settings file inside PGDATA.
 pub const STEWARD_CONF: &str = "steward.conf";
@@ -14,6 +17,13 @@ pub const INCLUDE_LINE: &str = "include_if_exists = 'steward.conf'";
 
 /// Directory (relative to PGDATA) for server logs, including `startup.log`.
 pub const LOG_DIR: &str = "log";
+
+/// Marker file in PGDATA that makes PostgreSQL start (and stay) a standby.
+pub const STANDBY_SIGNAL: &str = "standby.signal";
+
+/// libpq password file for the upstream, kept next to PGDATA (never inside it,
+/// so pg_basebackup and pg_rewind never copy the secret to other hosts).
+pub const PASSFILE: &str = "steward.pgpass";
 
 const HEADER: &str = "# Managed by steward-agent: manual changes are overwritten.\n";
 
@@ -53,19 +63,92 @@ pub fn render_steward_conf(listen: &Listen<'_>, tuning: &Tuning) -> String {
     s
 }
 
+/// The replication part of `steward.conf` for `role`; appended after the tuning
+/// so it wins over anything above. `application_name` is this member's name (the
+/// primary lists it in `synchronous_standby_names`); `passfile` is where
+/// [`render_passfile`] is written. Inputs are validated, because a bad value
+/// would make PostgreSQL refuse the whole file.
+pub fn render_replication_conf(role: &Role, application_name: &str, passfile: &Path) -> Result<String, PgError> {
+    replication::validate_role(role, application_name)?;
+    let mut s = String::new();
+    match role {
+        Role::Primary { synchronous_standby_names } => {
+            s.push_str("\n# replication: primary\n");
+            s.push_str(&format!("synchronous_standby_names = {}\n", conf_quote(synchronous_standby_names)));
+            s.push_str("primary_conninfo = ''\n");
+            s.push_str("primary_slot_name = ''\n");
+        }
+        Role::Standby { upstream, slot_name } => {
+            s.push_str("\n# replication: standby\n");
+            let conninfo = standby_conninfo(upstream, application_name, passfile);
+            s.push_str(&format!("primary_conninfo = {}\n", conf_quote(&conninfo)));
+            s.push_str(&format!("primary_slot_name = {}\n", conf_quote(slot_name)));
+            s.push_str("hot_standby = on\n");
+            s.push_str("recovery_target_timeline = 'latest'\n");
+            s.push_str("synchronous_standby_names = ''\n");
+        }
+    }
+    Ok(s)
+}
+
+/// libpq connection string a standby streams with: the password comes from
+/// `passfile`, so it never appears in `steward.conf` or `pg_stat_wal_receiver`.
+pub fn standby_conninfo(upstream: &Upstream, application_name: &str, passfile: &Path) -> String {
+    format!(
+        "host={} port={} user={} passfile={} application_name={} sslmode=prefer connect_timeout=2",
+        conninfo_value(&upstream.host),
+        upstream.port,
+        REPLICATION_ROLE,
+        conninfo_value(&passfile.to_string_lossy()),
+        conninfo_value(application_name),
+    )
+}
+
+/// A libpq conninfo value: bare when that is unambiguous, otherwise
+/// single-quoted with `\` and `'` backslash-escaped.
+pub fn conninfo_value(value: &str) -> String {
+    let plain = !value.is_empty() && !value.chars().any(|c| c.is_whitespace() || c == '\'' || c == '\\');
+    if plain {
+        value.to_string()
+    } else {
+        format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+}
+
+/// The libpq password file for the replication role on `upstream`: one line
+/// for replication connections (streaming, pg_basebackup) and one for regular
+/// ones (pg_rewind). Holds the plaintext password: write it 0600 only.
+pub fn render_passfile(upstream: &Upstream) -> Result<String, PgError> {
+    replication::validate_upstream(upstream)?;
+    let (host, password) = (pgpass_field(&upstream.host), pgpass_field(&upstream.password));
+    let port = upstream.port;
+    Ok(format!(
+        "{HEADER}{host}:{port}:replication:{REPLICATION_ROLE}:{password}\n\
+         {host}:{port}:*:{REPLICATION_ROLE}:{password}\n"
+    ))
+}
+
+/// One `.pgpass` field: `\` and `:` are backslash-escaped.
+fn pgpass_field(value: &str) -> String {
+    value.replace('\\', "\\\\").replace(':', "\\:")
+}
+
 /// `pg_hba.conf`: the local `postgres` superuser is trusted over the
 /// (private, 0700) socket; everyone else authenticates with SCRAM; the
-/// superuser is rejected over TCP.
+/// superuser is rejected over TCP; only the replication role may open
+/// replication connections (standbys, pg_basebackup).
 pub fn render_pg_hba() -> String {
     let mut s = String::from(HEADER);
     s.push_str(concat!(
-        "# TYPE  DATABASE  USER      ADDRESS    METHOD\n",
-        "local   all       postgres             trust\n",
-        "local   all       all                  scram-sha-256\n",
-        "host    all       postgres  0.0.0.0/0  reject\n",
-        "host    all       postgres  ::/0       reject\n",
-        "host    all       all       0.0.0.0/0  scram-sha-256\n",
-        "host    all       all       ::/0       scram-sha-256\n",
+        "# TYPE  DATABASE     USER                 ADDRESS    METHOD\n",
+        "local   all          postgres                        trust\n",
+        "local   all          all                             scram-sha-256\n",
+        "host    all          postgres             0.0.0.0/0  reject\n",
+        "host    all          postgres             ::/0       reject\n",
+        "host    replication  steward_replication  0.0.0.0/0  scram-sha-256\n",
+        "host    replication  steward_replication  ::/0       scram-sha-256\n",
+        "host    all          all                  0.0.0.0/0  scram-sha-256\n",
+        "host    all          all                  ::/0       scram-sha-256\n",
     ));
     s
 }
@@ -126,11 +209,92 @@ mod tests {
     #[test]
     fn hba_rejects_superuser_over_tcp_before_generic_rule() {
         let hba = render_pg_hba();
-        let reject = hba.find("postgres  0.0.0.0/0  reject").unwrap();
-        let generic = hba.find("all       0.0.0.0/0  scram-sha-256").unwrap();
+        let reject = hba.find("postgres             0.0.0.0/0  reject").unwrap();
+        let generic = hba.find("all                  0.0.0.0/0  scram-sha-256").unwrap();
         assert!(reject < generic);
-        assert!(hba.contains("local   all       postgres             trust\n"));
+        assert!(hba.contains("local   all          postgres                        trust\n"));
         assert!(hba.contains("::/0       reject\n"));
+        assert!(hba.contains("host    replication  steward_replication  0.0.0.0/0  scram-sha-256\n"));
+        assert!(hba.contains("host    replication  steward_replication  ::/0       scram-sha-256\n"));
+    }
+
+    fn upstream(host: &str, password: &str) -> Upstream {
+        Upstream { host: host.into(), port: 5433, password: password.into() }
+    }
+
+    #[test]
+    fn primary_replication_conf_golden() {
+        let role = Role::Primary { synchronous_standby_names: "ANY 1 (\"h2\", \"h3\")".into() };
+        let conf = render_replication_conf(&role, "h1", Path::new("/var/lib/steward/c1/steward.pgpass")).unwrap();
+        assert_eq!(
+            conf,
+            "\n# replication: primary\n\
+             synchronous_standby_names = 'ANY 1 (\"h2\", \"h3\")'\n\
+             primary_conninfo = ''\n\
+             primary_slot_name = ''\n"
+        );
+        let async_conf =
+            render_replication_conf(&Role::Primary { synchronous_standby_names: String::new() }, "h1", Path::new("/p"))
+                .unwrap();
+        assert!(async_conf.contains("synchronous_standby_names = ''\n"), "{async_conf}");
+    }
+
+    #[test]
+    fn standby_replication_conf_golden() {
+        let role = Role::Standby { upstream: upstream("10.0.0.1", "secret"), slot_name: "steward_h2".into() };
+        let conf = render_replication_conf(&role, "h2", Path::new("/var/lib/steward/c1/steward.pgpass")).unwrap();
+        assert_eq!(
+            conf,
+            "\n# replication: standby\n\
+             primary_conninfo = 'host=10.0.0.1 port=5433 user=steward_replication \
+             passfile=/var/lib/steward/c1/steward.pgpass application_name=h2 sslmode=prefer connect_timeout=2'\n\
+             primary_slot_name = 'steward_h2'\n\
+             hot_standby = on\n\
+             recovery_target_timeline = 'latest'\n\
+             synchronous_standby_names = ''\n"
+        );
+        assert!(!conf.contains("secret"), "the password must stay in the passfile");
+        // odd paths are quoted for conninfo, then again for postgresql.conf
+        let conf = render_replication_conf(&role, "h2", Path::new("/srv/it's here/steward.pgpass")).unwrap();
+        // conninfo: '/srv/it\'s here/...'; then postgresql.conf doubles ' and \
+        assert!(conf.contains(r"passfile=''/srv/it\\''s here/steward.pgpass'' application_name"), "{conf}");
+    }
+
+    #[test]
+    fn replication_conf_rejects_values_that_would_break_the_file() {
+        let standby = |host: &str, slot: &str| Role::Standby { upstream: upstream(host, "pw"), slot_name: slot.into() };
+        let p = Path::new("/p");
+        assert!(render_replication_conf(&standby("db1", "steward_a"), "a", p).is_ok());
+        assert!(render_replication_conf(&standby("db1", "Bad-Slot"), "a", p).is_err());
+        assert!(render_replication_conf(&standby("db 1", "steward_a"), "a", p).is_err());
+        assert!(render_replication_conf(&standby("", "steward_a"), "a", p).is_err());
+        assert!(render_replication_conf(&standby("db1", "steward_a"), "a b", p).is_err());
+        assert!(render_replication_conf(&standby("db1", "steward_a"), "", p).is_err());
+        let newline = Role::Primary { synchronous_standby_names: "a\nb".into() };
+        assert!(render_replication_conf(&newline, "a", p).is_err());
+    }
+
+    #[test]
+    fn conninfo_values_are_quoted_only_when_needed() {
+        assert_eq!(conninfo_value("db1.example"), "db1.example");
+        assert_eq!(conninfo_value(""), "''");
+        assert_eq!(conninfo_value("a b"), "'a b'");
+        assert_eq!(conninfo_value(r"it's\x"), r"'it\'s\\x'");
+    }
+
+    #[test]
+    fn passfile_escapes_colon_and_backslash() {
+        let text = render_passfile(&upstream("fe80::1", r"pa:ss\word")).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                r"fe80\:\:1:5433:replication:steward_replication:pa\:ss\\word",
+                r"fe80\:\:1:5433:*:steward_replication:pa\:ss\\word",
+            ]
+        );
+        assert!(render_passfile(&upstream("db1", "two\nlines")).is_err());
+        assert!(render_passfile(&Upstream { host: "db1".into(), port: 0, password: "x".into() }).is_err());
     }
 
     #[test]

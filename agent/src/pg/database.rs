@@ -10,7 +10,7 @@ use super::sql;
 use super::{Instance, PgError};
 
 /// Role and database names the agent keeps for itself.
-const RESERVED_ROLES: [&str; 1] = ["postgres"];
+const RESERVED_ROLES: [&str; 2] = ["postgres", super::replication::REPLICATION_ROLE];
 const RESERVED_DATABASES: [&str; 3] = ["postgres", "template0", "template1"];
 
 fn sql_err(action: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {

@@ -138,6 +138,82 @@ pub enum PgError {
     #[error("PostgreSQL error while {action}: {}", super::sql::describe(source))]
     Sql { action: String, source: tokio_postgres::Error },
 
+    /// A replication setting handed to the agent cannot be rendered safely.
+    #[error(
+        "invalid replication setting {what}: {detail}; fix the value the control plane sent \
+         (member names: 1-63 of A-Z a-z 0-9 _ . -; hosts without whitespace; ports 1-65535)"
+    )]
+    InvalidReplicationSetting { what: &'static str, detail: String },
+
+    /// A primary-only operation was attempted on an instance in recovery.
+    #[error(
+        "cannot {action}: PostgreSQL in {} is a standby (in recovery); run this on the primary, \
+         or promote this instance first",
+        data_dir.display()
+    )]
+    NotPrimary { action: String, data_dir: PathBuf },
+
+    /// The role says primary but PGDATA is still marked as a standby.
+    #[error(
+        "PostgreSQL in {} is configured as a standby (standby.signal present) but its role is set to \
+         primary; call promote() to turn it into a primary (removing standby.signal by hand would fork \
+         the timeline), or set the standby role again",
+        data_dir.display()
+    )]
+    StillStandby { data_dir: PathBuf },
+
+    /// The write probe did not commit in time: storage or WAL writing is stuck or overloaded.
+    #[error(
+        "write probe on PostgreSQL in {} did not commit within {timeout:?}; the disk or WAL writer is \
+         stuck or overloaded: fence this instance (stop_immediate) and check the storage (dmesg, iostat)",
+        data_dir.display()
+    )]
+    ProbeTimeout { data_dir: PathBuf, timeout: std::time::Duration },
+
+    /// A PostgreSQL client program the replication code needs is not installed.
+    #[error(
+        "{tool} not found in {}; install the PostgreSQL {major} client/server packages (e.g. \
+         `apt-get install postgresql-{major} postgresql-client-{major}`) so that it sits next to pg_ctl",
+        bindir.display()
+    )]
+    ToolMissing { tool: &'static str, bindir: PathBuf, major: u32 },
+
+    /// pg_basebackup failed; nothing half-cloned was left in PGDATA.
+    #[error(
+        "cloning {upstream} into {} with pg_basebackup failed ({status}); check that the upstream is \
+         running and reachable, that slot {slot:?} exists on it (ensure_slots), that the replication \
+         role and password match (ensure_replication_role) and that its pg_hba.conf allows it, then \
+         retry. pg_basebackup said:\n{output}",
+        data_dir.display()
+    )]
+    CloneFailed { upstream: String, slot: String, data_dir: PathBuf, status: String, output: String },
+
+    /// pg_rewind failed; the data directory may be unusable until a rewind succeeds.
+    #[error(
+        "pg_rewind of {} from {upstream} failed ({status}); check that the upstream is a reachable \
+         primary and that steward_replication may read its files (ensure_replication_role on it), then \
+         retry. If the WAL needed is gone from the upstream, move PGDATA aside and clone_from instead. \
+         pg_rewind said:\n{output}",
+        data_dir.display()
+    )]
+    RewindFailed { upstream: String, data_dir: PathBuf, status: String, output: String },
+
+    /// `pg_ctl promote` failed or the server stayed in recovery.
+    #[error(
+        "promoting PostgreSQL in {} failed: {detail}; check that it runs as a standby and read the \
+         server log in {}/log",
+        data_dir.display(), data_dir.display()
+    )]
+    PromoteFailed { data_dir: PathBuf, detail: String },
+
+    /// An immediate stop (fence) did not stop the server.
+    #[error(
+        "could not stop PostgreSQL in {} immediately: {detail}; it may still accept writes: kill its \
+         postmaster (pid in postmaster.pid) and check the storage",
+        data_dir.display()
+    )]
+    FenceFailed { data_dir: PathBuf, detail: String },
+
     /// A blocking helper task panicked or was cancelled.
     #[error("internal task failed: {0}; this is a bug in steward-agent, please report it")]
     Task(String),

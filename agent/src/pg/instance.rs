@@ -1,13 +1,16 @@
 //! One PostgreSQL instance on this host: its description, initialisation and
 //! configuration. Lifecycle (start/stop) lives in `lifecycle.rs`, SQL-level
-//! provisioning in `database.rs`.
+//! provisioning in `database.rs`, replication in `replication.rs` and
+//! `standby.rs`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
-use super::config::{self, Listen, LOG_DIR, STEWARD_CONF};
+use super::config::{self, Listen, LOG_DIR, PASSFILE, STANDBY_SIGNAL, STEWARD_CONF};
 use super::paths::{self, blocking};
+use super::replication::{Role, RoleConfig};
 use super::runas::{output_text, run};
 use super::tuning::tuning_for;
 use super::{PgBinaries, PgError, RunAs};
@@ -40,6 +43,10 @@ pub struct Instance {
     pub(super) run_as: RunAs,
     /// Set by `write_config` when a file changed; `start` reloads and clears it.
     pub(super) config_changed: AtomicBool,
+    /// Replication role set by `set_role` and rendered by `write_config`.
+    pub(super) replication: Mutex<Option<RoleConfig>>,
+    /// Whether `write_probe` has made sure its table exists.
+    pub(super) probe_table_ready: AtomicBool,
 }
 
 /// Entries initdb (or a server) creates in PGDATA; a directory holding only
@@ -48,13 +55,34 @@ fn is_pg_entry(name: &str) -> bool {
     name.starts_with("pg_")
         || name.starts_with("postgresql.")
         || name.starts_with("postmaster.")
-        || ["base", "global", "PG_VERSION", LOG_DIR, STEWARD_CONF].contains(&name)
+        || [
+            "base",
+            "global",
+            "PG_VERSION",
+            LOG_DIR,
+            STEWARD_CONF,
+            STANDBY_SIGNAL,
+            "recovery.signal",
+            "backup_label",
+            "backup_label.old",
+            "backup_manifest",
+            "tablespace_map",
+            "current_logfiles",
+        ]
+        .contains(&name)
 }
 
 impl Instance {
     /// Binds a spec to the binaries and OS user that will run it.
     pub fn new(spec: InstanceSpec, bins: PgBinaries, run_as: RunAs) -> Self {
-        Instance { spec, bins, run_as, config_changed: AtomicBool::new(false) }
+        Instance {
+            spec,
+            bins,
+            run_as,
+            config_changed: AtomicBool::new(false),
+            replication: Mutex::new(None),
+            probe_table_ready: AtomicBool::new(false),
+        }
     }
 
     /// The spec this instance was created with.
@@ -80,6 +108,17 @@ impl Instance {
     /// HOME for PostgreSQL commands: the data dir's parent, else /tmp.
     pub(super) fn home(&self) -> PathBuf {
         self.spec.data_dir.parent().map_or_else(|| PathBuf::from("/tmp"), Path::to_path_buf)
+    }
+
+    /// The libpq password file for the upstream: next to PGDATA, never inside it,
+    /// so pg_basebackup and pg_rewind never copy it.
+    pub fn passfile_path(&self) -> PathBuf {
+        self.home().join(PASSFILE)
+    }
+
+    /// True if PGDATA holds `standby.signal`, i.e. the server starts (or runs) as a standby.
+    pub fn is_standby_configured(&self) -> bool {
+        self.spec.data_dir.join(STANDBY_SIGNAL).is_file()
     }
 
     /// True if PGDATA holds a complete cluster (PG_VERSION and pg_control).
@@ -128,8 +167,8 @@ impl Instance {
         Err(last.unwrap_or(PgError::Task("initdb attempts exhausted".into())))
     }
 
-    /// Path checks and directory setup; true if initdb must run.
-    async fn prepare(&self) -> Result<bool, PgError> {
+    /// Path checks and directory setup; true if PGDATA must be created (initdb or clone).
+    pub(super) async fn prepare(&self) -> Result<bool, PgError> {
         let (spec, run_as, major) = (self.spec.clone(), self.run_as.clone(), self.bins.major);
         let initialized = self.is_initialized();
         blocking(move || {
@@ -154,13 +193,18 @@ impl Instance {
         .await
     }
 
-    /// Writes `steward.conf`, the include line in `postgresql.conf` and
-    /// `pg_hba.conf` (each atomically); returns whether anything changed.
+    /// Writes `steward.conf` (with the settings of the role from [`Instance::set_role`],
+    /// if any), the include line in `postgresql.conf` and `pg_hba.conf` (each
+    /// atomically); for a standby also the passfile and `standby.signal`. Returns
+    /// whether anything changed (so `start` reloads). Refuses to turn a standby into
+    /// a primary by configuration: that is [`Instance::promote`]'s job.
     pub async fn write_config(&self) -> Result<bool, PgError> {
         if !self.is_initialized() {
             return Err(PgError::NotInitialized { path: self.spec.data_dir.clone() });
         }
         let (spec, run_as) = (self.spec.clone(), self.run_as.clone());
+        let role = self.role_config();
+        let passfile = self.passfile_path();
         let changed = blocking(move || {
             let data = &spec.data_dir;
             let listen = Listen {
@@ -170,8 +214,38 @@ impl Instance {
                 socket_dir: &spec.socket_dir,
             };
             let tuning = tuning_for(spec.memory_budget_bytes, spec.cores);
-            let conf = config::render_steward_conf(&listen, &tuning);
-            let mut changed = paths::write_atomic(&data.join(STEWARD_CONF), &conf, &run_as)?;
+            let mut conf = config::render_steward_conf(&listen, &tuning);
+            // render (and so validate) everything before writing anything
+            let mut passfile_text = None;
+            if let Some(rc) = &role {
+                conf.push_str(&config::render_replication_conf(&rc.role, &rc.application_name, &passfile)?);
+                if let Role::Standby { upstream, .. } = &rc.role {
+                    passfile_text = Some(config::render_passfile(upstream)?);
+                }
+            }
+            let signal = data.join(STANDBY_SIGNAL);
+            let mut changed = false;
+            match role.as_ref().map(|rc| &rc.role) {
+                Some(Role::Primary { .. }) if signal.exists() => {
+                    return Err(PgError::StillStandby { data_dir: data.clone() });
+                }
+                Some(Role::Standby { .. }) => {
+                    // passfile and signal first: a crash in between must not leave a primary
+                    if let Some(text) = &passfile_text {
+                        changed |= paths::write_atomic(&passfile, text, &run_as)?;
+                    }
+                    if paths::write_atomic(&signal, "", &run_as)? {
+                        changed = true;
+                        if data.join("postmaster.pid").exists() {
+                            tracing::warn!(data_dir = %data.display(),
+                                "standby.signal created while the server runs: it stays a primary until restarted; \
+                                 stop it and rewind_from the new primary");
+                        }
+                    }
+                }
+                _ => {}
+            }
+            changed |= paths::write_atomic(&data.join(STEWARD_CONF), &conf, &run_as)?;
             let main = data.join("postgresql.conf");
             let current = fs::read_to_string(&main).map_err(|e| PgError::io("read", &main, e))?;
             if let Some(updated) = config::with_include(&current) {
@@ -231,29 +305,7 @@ mod tests {
 
     use super::*;
     use crate::pg::scram_verifier;
-
-    /// Stops the server even when an assertion fails mid-test.
-    struct StopGuard {
-        pg_ctl: PathBuf,
-        data_dir: PathBuf,
-        run_as: RunAs,
-    }
-
-    impl Drop for StopGuard {
-        fn drop(&mut self) {
-            let _ = self
-                .run_as
-                .std_command(&self.pg_ctl, Path::new("/tmp"))
-                .args(["stop", "-m", "immediate", "-D"])
-                .arg(&self.data_dir)
-                .output();
-        }
-    }
-
-    fn free_port() -> u16 {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    }
+    use crate::pg::test_support::{free_port, StopGuard};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn full_lifecycle_with_real_postgres() {

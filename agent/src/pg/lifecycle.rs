@@ -38,13 +38,20 @@ pub fn parse_pid_file(text: &str) -> Option<PidFile> {
     })
 }
 
+/// Whether a `/proc/<pid>/stat` line describes a live process (not a zombie or dead one).
+pub fn stat_alive(stat: &str) -> bool {
+    // "pid (comm) S ...": the state follows the last ')' (comm may contain spaces or parens).
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, None | Some('Z') | Some('X') | Some('x'))
+}
+
 impl Instance {
     fn pid_file_path(&self) -> PathBuf {
         self.spec.data_dir.join("postmaster.pid")
     }
 
     /// `pg_ctl <action> -D <data_dir>` as the run-as user, plus a label for errors.
-    fn pg_ctl(&self, action: &str) -> (tokio::process::Command, String) {
+    pub(super) fn pg_ctl(&self, action: &str) -> (tokio::process::Command, String) {
         let mut cmd = self.run_as.command(&self.bins.bin("pg_ctl"), &self.home());
         cmd.arg(action).arg("-D").arg(&self.spec.data_dir);
         (cmd, format!("pg_ctl {action} -D {}", self.spec.data_dir.display()))
@@ -52,11 +59,25 @@ impl Instance {
 
     /// postmaster.pid present and `pg_ctl status` says running.
     pub async fn is_running(&self) -> bool {
-        if !self.pid_file_path().exists() {
+        let Ok(text) = tokio::fs::read_to_string(self.pid_file_path()).await else {
             return false;
+        };
+        let Some(pid) = parse_pid_file(&text).map(|p| p.pid) else {
+            return false;
+        };
+        // Read the process state rather than asking `pg_ctl status` (kill(pid, 0)): a SIGKILLed
+        // postmaster stays a zombie until its parent reaps it, and nothing may reap it promptly
+        // (it was reparented away from pg_ctl). A zombie or an unrelated process is not running.
+        match tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await {
+            Ok(stat) => stat_alive(&stat) && self.pid_is_our_postmaster(pid).await,
+            Err(_) => false,
         }
-        let (mut cmd, label) = self.pg_ctl("status");
-        run(&mut cmd, &label).await.is_ok()
+    }
+
+    async fn pid_is_our_postmaster(&self, pid: i32) -> bool {
+        let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.unwrap_or_default();
+        let wanted = self.spec.data_dir.to_string_lossy().trim_end_matches('/').to_string();
+        cmdline.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).trim_end_matches('/') == wanted)
     }
 
     /// Idempotent: starts the server if needed (restarting it if it listens on
@@ -139,6 +160,41 @@ impl Instance {
         }
     }
 
+    /// Fence: stop PostgreSQL immediately (`pg_ctl stop -m immediate -w`), Ok if not
+    /// running. Used when the lease is lost, so no client can commit here any more;
+    /// if pg_ctl cannot stop it (e.g. stuck storage), the postmaster is SIGKILLed.
+    /// Crash recovery runs at the next start.
+    pub async fn stop_immediate(&self) -> Result<(), PgError> {
+        if !self.pid_file_path().exists() {
+            return Ok(());
+        }
+        if !self.is_running().await {
+            // The postmaster is gone (e.g. SIGKILLed), but its backends may live on and keep
+            // running their sessions' transactions: kill whatever still works in PGDATA.
+            let data_dir = self.spec.data_dir.clone();
+            let killed = blocking(move || Ok(kill_processes_in(&data_dir))).await?;
+            if killed > 0 {
+                tracing::warn!(data_dir = %self.spec.data_dir.display(), killed, "killed orphaned PostgreSQL processes");
+            }
+            return Ok(());
+        }
+        let (mut cmd, label) = self.pg_ctl("stop");
+        cmd.args(["-m", "immediate", "-w", "-t", "10"]);
+        let err = match run(&mut cmd, &label).await {
+            Ok(_) => {
+                tracing::info!(data_dir = %self.spec.data_dir.display(), "stopped PostgreSQL immediately");
+                return Ok(());
+            }
+            Err(_) if !self.is_running().await => return Ok(()),
+            Err(e) => e,
+        };
+        tracing::warn!(data_dir = %self.spec.data_dir.display(), error = %err,
+            "immediate stop failed; killing the postmaster");
+        let data_dir = self.spec.data_dir.clone();
+        let pid_file = self.pid_file_path();
+        blocking(move || kill_postmaster(&pid_file, &data_dir)).await
+    }
+
     /// Polls a superuser connection until it works, the postmaster dies, or the deadline passes.
     async fn wait_ready(&self, log_from: u64) -> Result<(), PgError> {
         let deadline = Instant::now() + START_TIMEOUT;
@@ -175,6 +231,70 @@ impl Instance {
     }
 }
 
+/// SIGKILLs the postmaster named in `pid_file` (only if its command line names
+/// `data_dir`, so a recycled pid is never hit) and waits up to 10 s for it to go.
+fn kill_postmaster(pid_file: &std::path::Path, data_dir: &std::path::Path) -> Result<(), PgError> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    let fail = |detail: String| PgError::FenceFailed { data_dir: data_dir.to_path_buf(), detail };
+    let text = match std::fs::read_to_string(pid_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(PgError::io("read", pid_file, e)),
+    };
+    let pid = parse_pid_file(&text)
+        .map(|p| p.pid)
+        .filter(|p| *p > 0)
+        .ok_or_else(|| fail("unreadable postmaster.pid".into()))?;
+    if !process_alive(pid) {
+        return Ok(());
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let wanted = data_dir.to_string_lossy();
+    let wanted = wanted.trim_end_matches('/');
+    // pg_ctl starts `postgres -D <data_dir> ...`
+    if !cmdline.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).trim_end_matches('/') == wanted) {
+        let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        return Err(fail(format!("pid {pid} from postmaster.pid runs {shown:?}, not this data directory")));
+    }
+    kill(Pid::from_raw(pid), Signal::SIGKILL).map_err(|e| fail(format!("kill -9 {pid}: {e}")))?;
+    tracing::warn!(data_dir = %data_dir.display(), pid, "sent SIGKILL to the postmaster");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if !process_alive(pid) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(fail(format!("postmaster {pid} survived SIGKILL for 10 s (uninterruptible I/O?)")))
+}
+
+/// SIGKILLs every live process whose working directory is `data_dir` (PostgreSQL's processes
+/// all run in PGDATA); returns how many.
+fn kill_processes_in(data_dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let mut killed = 0;
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) else { continue };
+        if cwd == data_dir && process_alive(pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    killed
+}
+
+/// True if `pid` exists and is not a zombie.
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // state is the first field after the parenthesised command name
+        Ok(stat) => stat_alive(&stat),
+        Err(_) => false,
+    }
+}
+
 /// Most recently modified `postgresql-*.log` written by the logging collector.
 fn newest_server_log(dir: &std::path::Path) -> Option<PathBuf> {
     std::fs::read_dir(dir)
@@ -189,6 +309,14 @@ fn newest_server_log(dir: &std::path::Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zombies_are_not_alive() {
+        assert!(stat_alive("123 (postgres) S 1 2 3"));
+        assert!(stat_alive("123 (odd) name) R 1"));
+        assert!(!stat_alive("123 (postgres) Z 1 2 3"));
+        assert!(!stat_alive("garbage"));
+    }
 
     #[test]
     fn parses_postmaster_pid() {

@@ -1,6 +1,7 @@
 //! PostgreSQL management for the host agent: find the server binaries, pick
-//! the OS user, initialise, configure, start/stop an instance and provision
-//! its role and database. One concern per submodule.
+//! the OS user, initialise, configure, start/stop an instance, provision its
+//! role and database, and run it as a streaming-replication primary or
+//! standby. One concern per submodule.
 
 pub mod binaries;
 pub mod config;
@@ -9,13 +10,19 @@ pub mod error;
 pub mod instance;
 pub mod lifecycle;
 pub mod paths;
+mod probe;
+pub mod replication;
 pub mod runas;
 pub mod sql;
+mod standby;
+#[cfg(test)]
+mod test_support;
 pub mod tuning;
 
 pub use binaries::PgBinaries;
 pub use error::PgError;
 pub use instance::{Instance, InstanceSpec};
+pub use replication::{format_lsn, parse_lsn, ReplicationStatus, Role, StandbyState, Upstream, REPLICATION_ROLE};
 pub use runas::RunAs;
 pub use sql::scram_verifier;
 pub use tuning::{tuning_for, Tuning};

@@ -125,6 +125,45 @@ pub fn write_atomic(path: &Path, contents: &str, run_as: &RunAs) -> Result<bool,
     Ok(true)
 }
 
+/// Removes the file `path` durably (fsyncing its directory); false if it was not there.
+/// Only for marker files and the agent's own temporary files, never for data.
+pub fn remove_file_if_exists(path: &Path) -> Result<bool, PgError> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(PgError::io("remove", path, e)),
+    }
+    if let Some(parent) = path.parent() {
+        fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| PgError::io("fsync", parent, e))?;
+    }
+    Ok(true)
+}
+
+/// Renames directory `from` to `to` (an empty directory at `to` is replaced)
+/// and fsyncs the parent, so the switch survives a crash.
+pub fn rename_dir_durably(from: &Path, to: &Path) -> Result<(), PgError> {
+    fs::rename(from, to).map_err(|e| PgError::io(format!("rename {} to", from.display()), to, e))?;
+    if let Some(parent) = to.parent() {
+        fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| PgError::io("fsync", parent, e))?;
+    }
+    Ok(())
+}
+
+/// Total size of the regular files below `dir` (errors count as 0), for logs.
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Current length of a file (0 if missing), to later show only what was appended.
 pub fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map(|m| m.len()).unwrap_or(0)

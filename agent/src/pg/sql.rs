@@ -63,6 +63,28 @@ pub fn alter_role(role: &str, verifier: &str) -> String {
     format!("ALTER ROLE {} WITH LOGIN PASSWORD {}", quote_ident(role), quote_literal(verifier))
 }
 
+/// `CREATE ROLE` for streaming replication: login, REPLICATION, SCRAM verifier.
+pub fn create_replication_role(role: &str, verifier: &str) -> String {
+    format!("CREATE ROLE {} LOGIN REPLICATION PASSWORD {}", quote_ident(role), quote_literal(verifier))
+}
+
+/// `ALTER ROLE` that restores login, REPLICATION and the verifier of the replication role.
+pub fn alter_replication_role(role: &str, verifier: &str) -> String {
+    format!("ALTER ROLE {} WITH LOGIN REPLICATION PASSWORD {}", quote_ident(role), quote_literal(verifier))
+}
+
+/// The grants pg_rewind needs on its source when it connects as a non-superuser
+/// (see the pg_rewind documentation, PostgreSQL 11+).
+pub fn rewind_grants(role: &str) -> [String; 4] {
+    let role = quote_ident(role);
+    [
+        format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {role}"),
+        format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {role}"),
+        format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO {role}"),
+        format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {role}"),
+    ]
+}
+
 /// `CREATE DATABASE` owned by `owner`; must run outside a transaction block.
 pub fn create_database(database: &str, owner: &str) -> String {
     format!("CREATE DATABASE {} OWNER {}", quote_ident(database), quote_ident(owner))
@@ -132,6 +154,12 @@ mod tests {
             "CREATE ROLE \"app\" LOGIN PASSWORD 'SCRAM-SHA-256$1:s$a:b'"
         );
         assert_eq!(create_database("db", "app"), "CREATE DATABASE \"db\" OWNER \"app\"");
+        assert_eq!(
+            create_replication_role("steward_replication", "SCRAM-SHA-256$1:s$a:b"),
+            "CREATE ROLE \"steward_replication\" LOGIN REPLICATION PASSWORD 'SCRAM-SHA-256$1:s$a:b'"
+        );
+        assert!(alter_replication_role("r", "v").starts_with("ALTER ROLE \"r\" WITH LOGIN REPLICATION PASSWORD "));
+        assert!(rewind_grants("r")[3].ends_with("pg_read_binary_file(text, bigint, bigint, boolean) TO \"r\""));
         let [revoke, grant] = restrict_connect("db", "app");
         assert_eq!(revoke, "REVOKE CONNECT ON DATABASE \"db\" FROM PUBLIC");
         assert_eq!(grant, "GRANT CONNECT ON DATABASE \"db\" TO \"app\"");

@@ -7,6 +7,10 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
+/// WAL kept for standbys beyond what their slots hold: lets a standby without a
+/// slot (or a pg_rewind right after a failover) find recent WAL on its upstream.
+const WAL_KEEP_SIZE: u64 = 256 * MIB;
+
 /// Budgets below this are treated as this (PostgreSQL needs some memory to start).
 const MIN_BUDGET: u64 = 128 * MIB;
 
@@ -97,6 +101,8 @@ impl Tuning {
         line("wal_compression", "on".into());
         line("wal_log_hints", "on".into());
         line("hot_standby", "on".into());
+        line("hot_standby_feedback", "on".into());
+        line("wal_keep_size", mem(WAL_KEEP_SIZE));
         line("min_wal_size", mem(self.min_wal_size_bytes));
         line("max_wal_size", mem(self.max_wal_size_bytes));
         let target = format!("{:.2}", self.checkpoint_completion_target);
@@ -170,6 +176,10 @@ mod tests {
         assert!(r.contains("max_wal_size = '1GB'\n"), "{r}");
         assert!(r.contains("wal_level = replica\n"));
         assert!(r.contains("wal_log_hints = on\n"));
+        assert!(r.contains("max_wal_senders = 10\n"));
+        assert!(r.contains("max_replication_slots = 10\n"));
+        assert!(r.contains("hot_standby_feedback = on\n"));
+        assert!(r.contains("wal_keep_size = '256MB'\n"));
         assert!(r.contains("checkpoint_completion_target = 0.90\n"));
         assert!(r.contains("password_encryption = 'scram-sha-256'\n"));
         assert_eq!(mem(1536 * KIB), "'1536kB'");

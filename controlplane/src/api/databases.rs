@@ -13,26 +13,42 @@ use super::auth::{caller, Caller};
 use super::error::ApiError;
 use super::validate::{self, NewDatabase};
 use super::AppState;
-use crate::reconcile::placement::{self, Candidate, Placement};
-use crate::state::model::{cluster_state, db_state, host_state, op_state, Cluster, Database, Operation};
+use crate::reconcile::placement::{self, Candidate, HaCluster, HaPlacement, Placement};
+use crate::state::model::{
+    cluster_state, db_state, host_state, member_role, op_state, Cluster, Database, Host, Member, Operation,
+};
 use crate::state::{query, Command, Response};
 
-/// The libpq connection details of an active database.
+/// The libpq connection details of an active database: every member in the URI, primary first,
+/// with `target_session_attrs=read-write` so clients follow a failover without a proxy; for HA
+/// clusters also a read-only URI that prefers standbys.
 pub async fn connection(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx::Error> {
     let Some(cluster) = query::cluster(pool, &db.cluster_id).await? else { return Ok(Value::Null) };
-    let Some(host) = query::host(pool, &cluster.primary_host).await? else { return Ok(Value::Null) };
-    let uri = format!(
-        "postgresql://{}:{}@{}:{}/{}?target_session_attrs=read-write",
-        db.role_name, db.password, host.pg_host, cluster.port, db.pg_name
-    );
-    Ok(json!({
-        "uri": uri,
-        "host": host.pg_host,
+    let Some(primary) = query::host(pool, &cluster.primary_host).await? else { return Ok(Value::Null) };
+    let mut endpoints = Vec::new();
+    for m in query::members(pool, &cluster.id).await? {
+        if let Some(h) = query::host(pool, &m.host_id).await? {
+            endpoints.push(format!("{}:{}", h.pg_host, m.port));
+        }
+    }
+    if endpoints.is_empty() {
+        endpoints.push(format!("{}:{}", primary.pg_host, cluster.port));
+    }
+    let hosts = endpoints.join(",");
+    let base = format!("postgresql://{}:{}@{}/{}", db.role_name, db.password, hosts, db.pg_name);
+    let mut conn = json!({
+        "uri": format!("{base}?target_session_attrs=read-write"),
+        "host": primary.pg_host,
         "port": cluster.port,
+        "hosts": endpoints,
         "database": db.pg_name,
         "user": db.role_name,
         "password": db.password,
-    }))
+    });
+    if cluster.availability == "ha" {
+        conn["read_only_uri"] = json!(format!("{base}?target_session_attrs=prefer-standby"));
+    }
+    Ok(conn)
 }
 
 /// JSON view of a database; `connection` only once it is usable.
@@ -55,49 +71,119 @@ pub async fn view(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx::Error
     }))
 }
 
-/// Decides placement from the local replica (the leader re-checks uniqueness at apply time).
-async fn plan_placement(pool: &SqlitePool) -> Result<(String, Option<Cluster>, Vec<String>), ApiError> {
+/// Where a new database goes: an existing cluster, or a new one with its members.
+struct Planned {
+    cluster_id: String,
+    new_cluster: Option<Cluster>,
+    new_members: Vec<Member>,
+    taken_pg_names: Vec<String>,
+}
+
+/// Gathers placement candidates from the local replica (apply re-checks what must not race).
+async fn candidates(pool: &SqlitePool) -> Result<(Vec<Candidate>, Vec<Host>), ApiError> {
     let hosts = query::hosts(pool).await?;
     let clusters = query::clusters(pool).await?;
+    let members = query::all_members(pool).await?;
     let counts = query::database_counts(pool).await?;
-    let candidates: Vec<Candidate> = hosts
+    let count_of =
+        |cluster_id: &str| counts.iter().find(|(id, _)| id == cluster_id).map(|(_, n)| *n as u64).unwrap_or(0);
+    let candidates = hosts
         .iter()
         .map(|h| {
-            let cluster = clusters.iter().find(|c| c.primary_host == h.id);
-            let dbs =
-                cluster.and_then(|c| counts.iter().find(|(id, _)| id == &c.id)).map(|(_, n)| *n as u64).unwrap_or(0);
+            let mine: Vec<&Member> = members.iter().filter(|m| m.host_id == h.id).collect();
+            let single = clusters.iter().find(|c| c.availability == "single" && c.primary_host == h.id);
             Candidate {
                 host_id: h.id.clone(),
                 // A host without PostgreSQL binaries (pg_major 0) cannot take databases.
                 active: h.state == host_state::ACTIVE && h.pg_major > 0,
+                zone: h.zone.clone(),
                 memory_budget_bytes: h.memory_budget_bytes as u64,
                 disk_free_bytes: h.disk_free_bytes as u64,
-                cluster_id: cluster.map(|c| c.id.clone()),
-                databases: dbs,
+                base_port: u16::try_from(h.pg_port).unwrap_or(5432),
+                used_ports: mine.iter().filter_map(|m| u16::try_from(m.port).ok()).collect(),
+                cluster_id: single.map(|c| c.id.clone()),
+                databases: mine.iter().map(|m| count_of(&m.cluster_id)).sum(),
             }
         })
         .collect();
-    let decision = placement::place(&candidates).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    match decision {
-        Placement::Existing { cluster_id, .. } => {
-            let taken = query::databases_in_cluster(pool, &cluster_id).await?.into_iter().map(|d| d.pg_name).collect();
-            Ok((cluster_id, None, taken))
+    Ok((candidates, hosts))
+}
+
+async fn plan_placement(pool: &SqlitePool, availability: &str) -> Result<Planned, ApiError> {
+    let (candidates, hosts) = candidates(pool).await?;
+    let unavailable = |e: placement::PlacementError| ApiError::Unavailable(e.to_string());
+    let existing = |cluster_id: String| async move {
+        let taken = query::databases_in_cluster(pool, &cluster_id).await?.into_iter().map(|d| d.pg_name).collect();
+        Ok::<_, ApiError>(Planned { cluster_id, new_cluster: None, new_members: vec![], taken_pg_names: taken })
+    };
+    let pg_major = |host_id: &str| hosts.iter().find(|h| h.id == host_id).map(|h| h.pg_major).unwrap_or(0);
+    let new_cluster =
+        |id: String, primary: &str, port: u16, availability: &str, replication_password: String| Cluster {
+            id,
+            pg_major: pg_major(primary),
+            primary_host: primary.to_string(),
+            port: i64::from(port),
+            epoch: 1,
+            state: cluster_state::CREATING.into(),
+            created_at: crate::now(),
+            availability: availability.into(),
+            replication_password,
+        };
+    if availability == "ha" {
+        let clusters = query::clusters(pool).await?;
+        let counts = query::database_counts(pool).await?;
+        let mut ha = Vec::new();
+        for c in clusters.iter().filter(|c| c.availability == "ha") {
+            let members = query::members(pool, &c.id).await?;
+            let healthy = c.state == cluster_state::READY
+                && members.iter().all(|m| {
+                    m.state == cluster_state::READY
+                        && m.role != member_role::FAILED
+                        && hosts.iter().any(|h| h.id == m.host_id && h.state == host_state::ACTIVE)
+                });
+            let databases = counts.iter().find(|(id, _)| id == &c.id).map(|(_, n)| *n as u64).unwrap_or(0);
+            ha.push(HaCluster { cluster_id: c.id.clone(), databases, healthy });
         }
+        return match placement::place_ha(&candidates, &ha).map_err(unavailable)? {
+            HaPlacement::Existing { cluster_id } => existing(cluster_id).await,
+            HaPlacement::New { members } => {
+                let id = format!("ha-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+                let (primary, port) = members[0].clone();
+                let cluster = new_cluster(id.clone(), &primary, port, "ha", new_password());
+                let new_members = members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (host, port))| Member {
+                        cluster_id: id.clone(),
+                        host_id: host.clone(),
+                        port: i64::from(*port),
+                        role: if i == 0 { member_role::PRIMARY } else { member_role::STANDBY }.into(),
+                        state: cluster_state::CREATING.into(),
+                    })
+                    .collect();
+                Ok(Planned { cluster_id: id, new_cluster: Some(cluster), new_members, taken_pg_names: vec![] })
+            }
+        };
+    }
+    match placement::place(&candidates).map_err(unavailable)? {
+        Placement::Existing { cluster_id, .. } => existing(cluster_id).await,
         Placement::New { host_id } => {
-            let host = hosts
-                .iter()
-                .find(|h| h.id == host_id)
-                .ok_or_else(|| ApiError::Internal("placement chose an unknown host".into()))?;
-            let cluster = Cluster {
-                id: format!("single-{}", host.id),
-                pg_major: host.pg_major,
-                primary_host: host.id.clone(),
-                port: host.pg_port,
-                epoch: 1,
+            let c = candidates.iter().find(|c| c.host_id == host_id);
+            let port = c.map(placement::free_port).unwrap_or(5432);
+            let cluster = new_cluster(format!("single-{host_id}"), &host_id, port, "single", String::new());
+            let member = Member {
+                cluster_id: cluster.id.clone(),
+                host_id: host_id.clone(),
+                port: i64::from(port),
+                role: member_role::PRIMARY.into(),
                 state: cluster_state::CREATING.into(),
-                created_at: crate::now(),
             };
-            Ok((cluster.id.clone(), Some(cluster), Vec::new()))
+            Ok(Planned {
+                cluster_id: cluster.id.clone(),
+                new_cluster: Some(cluster),
+                new_members: vec![member],
+                taken_pg_names: vec![],
+            })
         }
     }
 }
@@ -146,9 +232,9 @@ pub async fn create(
             )));
         }
     }
-    let (cluster_id, new_cluster, taken) = plan_placement(pool).await?;
+    let planned = plan_placement(pool, &valid.availability).await?;
     let id = uuid::Uuid::new_v4().to_string();
-    let pg_name = placement::pg_name(&valid.name, &id, &taken);
+    let pg_name = placement::pg_name(&valid.name, &id, &planned.taken_pg_names);
     let at = crate::now();
     let database = Database {
         id: id.clone(),
@@ -159,7 +245,7 @@ pub async fn create(
         availability: valid.availability,
         backup_retention_days: valid.backup_retention_days,
         state: db_state::PROVISIONING.into(),
-        cluster_id,
+        cluster_id: planned.cluster_id,
         pg_name: pg_name.clone(),
         role_name: pg_name,
         password: new_password(),
@@ -181,7 +267,14 @@ pub async fn create(
         Caller::Admin => "admin".to_string(),
         Caller::Team(t) => format!("team:{t}"),
     };
-    let cmd = Command::CreateDatabase { database, new_cluster, operation, idempotency_key, actor };
+    let cmd = Command::CreateDatabase {
+        database,
+        new_cluster: planned.new_cluster,
+        new_members: planned.new_members,
+        operation,
+        idempotency_key,
+        actor,
+    };
     let (db_id, replayed) = match state.node.write(cmd).await? {
         Response::DatabaseCreated { id, existing } => (id, existing),
         Response::Conflict { message } => return Err(ApiError::Conflict(message)),

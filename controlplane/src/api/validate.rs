@@ -90,12 +90,7 @@ pub fn database(req: &NewDatabase) -> Result<ValidDatabase, ApiError> {
     }
     let availability = req.availability.clone().unwrap_or_else(|| "single".into());
     match availability.as_str() {
-        "single" => {}
-        "ha" => {
-            return Err(ApiError::Unprocessable(
-                "availability 'ha' is not offered by this control plane yet; use 'single'".into(),
-            ))
-        }
+        "single" | "ha" => {}
         other => {
             return Err(ApiError::Unprocessable(format!("availability '{other}' is unknown: choose 'single' or 'ha'")))
         }

@@ -43,7 +43,7 @@ enum Cmd {
     Raft(RaftCmd),
     /// List database hosts and their state.
     Hosts,
-    /// List PostgreSQL clusters.
+    /// List PostgreSQL clusters with their members: role, running, timeline, replication lag.
     Clusters,
     /// List every database (all teams).
     Databases,
@@ -204,7 +204,21 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Clusters => {
             let r = c.list_clusters(req(&tok, ListClustersRequest {})?).await?.into_inner();
             if out == Output::Json {
-                let v: Vec<_> = r.clusters.iter().map(|k| serde_json::json!({"id": k.id, "pg_major": k.pg_major, "primary_host": k.primary_host, "epoch": k.epoch, "port": k.port, "state": k.state, "databases": k.databases})).collect();
+                let v: Vec<_> = r
+                    .clusters
+                    .iter()
+                    .map(|k| {
+                        let members: Vec<_> = k
+                            .members
+                            .iter()
+                            .map(|m| serde_json::json!({"host_id": m.host_id, "port": m.port, "role": m.role, "state": m.state,
+                                "running": m.running, "in_recovery": m.in_recovery, "timeline": m.timeline,
+                                "received_lsn": m.received_lsn, "replayed_lsn": m.replayed_lsn, "lag_bytes": m.lag_bytes, "fenced": m.fenced}))
+                            .collect();
+                        serde_json::json!({"id": k.id, "availability": k.availability, "pg_major": k.pg_major, "primary_host": k.primary_host,
+                            "epoch": k.epoch, "port": k.port, "state": k.state, "databases": k.databases, "members": members})
+                    })
+                    .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 table(

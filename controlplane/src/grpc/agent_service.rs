@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use steward_proto::v1::control_plane_server::ControlPlane;
-use steward_proto::v1::{HeartbeatReply, HeartbeatRequest, HostFacts, RegisterReply, RegisterRequest};
+use steward_proto::v1::{HeartbeatReply, HeartbeatRequest, HostFacts, LeaseGrant, RegisterReply, RegisterRequest};
 use tonic::{Request, Response, Status};
 
 use super::not_leader;
@@ -57,6 +57,40 @@ fn host_from(f: &HostFacts, at: &str) -> Host {
     }
 }
 
+/// Heartbeat interval of hosts with HA members: failures must be seen within a second.
+pub const HA_HEARTBEAT_MS: u32 = 200;
+
+impl AgentFacing {
+    /// Leases for the HA primaries this host runs, at the cluster's current epoch.
+    async fn grant_leases(&self, host_id: &str, instances: &[steward_proto::v1::InstanceStatus]) -> Vec<LeaseGrant> {
+        let mut out = Vec::new();
+        for i in instances.iter().filter(|i| i.running && !i.fenced && !i.in_recovery && i.role == "primary") {
+            let Ok(Some(c)) = query::cluster(self.node.store.pool(), &i.cluster_id).await else { continue };
+            if c.availability != "ha" || c.primary_host != host_id || c.epoch as u64 != i.epoch {
+                continue;
+            }
+            let lease_ms = crate::reconcile::topology::DEFAULT_LEASE_MS;
+            self.liveness
+                .grant(&c.id, std::time::Instant::now() + std::time::Duration::from_millis(u64::from(lease_ms)));
+            out.push(LeaseGrant { cluster_id: c.id, epoch: i.epoch, lease_ms });
+        }
+        out
+    }
+
+    async fn has_ha_member(&self, host_id: &str) -> bool {
+        let pool = self.node.store.pool();
+        let Ok(members) = query::all_members(pool).await else { return false };
+        for m in members.iter().filter(|m| m.host_id == host_id) {
+            if let Ok(Some(c)) = query::cluster(pool, &m.cluster_id).await {
+                if c.availability == "ha" {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
 #[tonic::async_trait]
 impl ControlPlane for AgentFacing {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
@@ -90,15 +124,23 @@ impl ControlPlane for AgentFacing {
             return Ok(Response::new(HeartbeatReply {
                 known: false,
                 heartbeat_interval_ms: self.heartbeat_interval_ms,
+                leases: vec![],
             }));
         };
-        self.liveness.beat(&host.id, req.instances);
+        let instances = req.instances;
+        let leases = self.grant_leases(&host.id, &instances).await;
+        self.liveness.beat(&host.id, instances);
         if host.state == host_state::DOWN {
             let cmd =
                 Command::SetHostState { host_id: host.id.clone(), state: host_state::ACTIVE.into(), at: crate::now() };
             self.node.write(cmd).await.map_err(|e| Status::unavailable(e.to_string()))?;
             tracing::info!(host_id = %host.id, "host is back: marked active");
         }
-        Ok(Response::new(HeartbeatReply { known: true, heartbeat_interval_ms: self.heartbeat_interval_ms }))
+        let interval = if self.has_ha_member(&host.id).await {
+            HA_HEARTBEAT_MS.min(self.heartbeat_interval_ms)
+        } else {
+            self.heartbeat_interval_ms
+        };
+        Ok(Response::new(HeartbeatReply { known: true, heartbeat_interval_ms: interval, leases }))
     }
 }

@@ -179,11 +179,38 @@ impl Operator for OperatorService {
         self.read().await?;
         let pool = self.node.store.pool();
         let counts = query::database_counts(pool).await.map_err(internal)?;
-        let clusters = query::clusters(pool)
-            .await
-            .map_err(internal)?
-            .into_iter()
-            .map(|c| ClusterInfo {
+        let mut clusters = Vec::new();
+        for c in query::clusters(pool).await.map_err(internal)? {
+            let observed = |host: &str| {
+                self.liveness.get(host).and_then(|s| s.instances.into_iter().find(|i| i.cluster_id == c.id))
+            };
+            let primary_lsn = observed(&c.primary_host).map(|i| i.received_lsn).unwrap_or(0);
+            let members = query::members(pool, &c.id)
+                .await
+                .map_err(internal)?
+                .into_iter()
+                .map(|m| {
+                    let o = observed(&m.host_id).unwrap_or_default();
+                    MemberInfo {
+                        lag_bytes: if m.host_id == c.primary_host {
+                            0
+                        } else {
+                            primary_lsn.saturating_sub(o.replayed_lsn)
+                        },
+                        host_id: m.host_id,
+                        port: m.port as u32,
+                        role: m.role,
+                        state: m.state,
+                        running: o.running,
+                        in_recovery: o.in_recovery,
+                        timeline: o.timeline,
+                        received_lsn: o.received_lsn,
+                        replayed_lsn: o.replayed_lsn,
+                        fenced: o.fenced,
+                    }
+                })
+                .collect();
+            clusters.push(ClusterInfo {
                 databases: counts.iter().find(|(id, _)| id == &c.id).map(|(_, n)| *n as u32).unwrap_or(0),
                 id: c.id,
                 pg_major: c.pg_major as u32,
@@ -191,8 +218,10 @@ impl Operator for OperatorService {
                 epoch: c.epoch as u64,
                 port: c.port as u32,
                 state: c.state,
-            })
-            .collect();
+                availability: c.availability,
+                members,
+            });
+        }
         Ok(Response::new(ListClustersReply { clusters }))
     }
 

@@ -15,10 +15,11 @@ pub struct Seen {
     pub instances: Vec<InstanceStatus>,
 }
 
-/// Last heartbeat per host id.
+/// Last heartbeat per host id, and the leases granted to primaries.
 #[derive(Debug, Default)]
 pub struct Liveness {
     hosts: Mutex<HashMap<String, Seen>>,
+    leases: Mutex<HashMap<String, Instant>>,
 }
 
 impl Liveness {
@@ -28,6 +29,19 @@ impl Liveness {
         if let Ok(mut h) = self.hosts.lock() {
             h.insert(host_id.to_string(), seen);
         }
+    }
+
+    /// Records a lease granted to a cluster's primary, valid until `until`.
+    pub fn grant(&self, cluster_id: &str, until: Instant) {
+        if let Ok(mut l) = self.leases.lock() {
+            let e = l.entry(cluster_id.to_string()).or_insert(until);
+            *e = (*e).max(until);
+        }
+    }
+
+    /// Until when a lease granted by this node to the cluster's primary may run.
+    pub fn lease_until(&self, cluster_id: &str) -> Option<Instant> {
+        self.leases.lock().ok().and_then(|l| l.get(cluster_id).copied())
     }
 
     /// The last heartbeat of a host, if any arrived since this node started.

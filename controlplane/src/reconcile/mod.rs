@@ -1,10 +1,13 @@
 //! Reconcilers: leader-only loops that compare the replicated desired state with what agents
 //! report and drive agents with idempotent, epoch-carrying commands.
 
+pub mod failover;
 pub mod hosts;
 pub mod liveness;
 pub mod placement;
 pub mod provision;
+pub mod rejoin;
+pub mod topology;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -26,6 +29,8 @@ pub struct Ctx {
     pub down_after: Duration,
     /// Operations being worked on by this node.
     in_flight: Mutex<HashSet<String>>,
+    /// A rejoin pass is running (it may take as long as a clone).
+    rejoining: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
@@ -37,7 +42,19 @@ impl Ctx {
             metrics,
             down_after,
             in_flight: Mutex::new(HashSet::new()),
+            rejoining: Default::default(),
         })
+    }
+}
+
+impl Ctx {
+    /// Claims the rejoin pass if none is running.
+    fn rejoin_idle(&self) -> bool {
+        !self.rejoining.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    fn rejoin_done(&self) {
+        self.rejoining.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -58,6 +75,18 @@ pub async fn run(ctx: Arc<Ctx>) {
         let since = *leader_since.get_or_insert_with(Instant::now);
         if let Err(e) = hosts::mark_overdue(&ctx, since).await {
             tracing::warn!(error = %e, "host liveness check failed");
+        }
+        if let Err(e) = failover::check(&ctx, since).await {
+            tracing::warn!(error = %e, "failover check failed");
+        }
+        if ctx.rejoin_idle() {
+            let c = ctx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = rejoin::check(&c).await {
+                    tracing::warn!(error = %e, "rejoin check failed");
+                }
+                c.rejoin_done();
+            });
         }
         match query::running_operations(ctx.node.store.pool()).await {
             Ok(ops) => {

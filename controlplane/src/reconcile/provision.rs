@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use steward_proto::v1::{EnsureDatabaseRequest, EnsureInstanceRequest};
 
+use super::topology::ensure_request;
+
 use super::Ctx;
-use crate::state::model::{cluster_state, host_state, Operation};
+use crate::state::model::{cluster_state, host_state, member_role, Host, Member, Operation};
 use crate::state::{query, Command};
 
 /// Attempts before a provision is declared failed.
@@ -93,6 +95,28 @@ async fn step(ctx: &Ctx, op: &Operation, attempts: i64, name: &str) -> Result<()
     }
 }
 
+async fn ensure(
+    ctx: &Ctx,
+    hosts: &[Host],
+    req: EnsureInstanceRequest,
+    host_id: &str,
+    timeout: Duration,
+) -> Result<(), StepError> {
+    let host =
+        hosts.iter().find(|h| h.id == host_id).ok_or_else(|| StepError::Abandon(format!("host {host_id} vanished")))?;
+    if host.state != host_state::ACTIVE {
+        return Err(StepError::Retry(format!("host {} is {}; waiting for it to come back", host.id, host.state)));
+    }
+    let mut agent = ctx.agents.get(&host.agent_addr).await.map_err(|e| StepError::Retry(e.to_string()))?;
+    let mut r = tonic::Request::new(req);
+    r.set_timeout(timeout);
+    agent
+        .ensure_instance(r)
+        .await
+        .map_err(|s| StepError::Retry(format!("agent {} ensure_instance: {}", host.id, s.message())))?;
+    Ok(())
+}
+
 async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepError> {
     let pool = ctx.node.store.pool();
     let read = |e: sqlx::Error| StepError::Retry(format!("reading state: {e}"));
@@ -104,36 +128,56 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepErr
         .await
         .map_err(read)?
         .ok_or_else(|| StepError::Abandon("cluster vanished".into()))?;
-    let host = query::host(pool, &cluster.primary_host)
-        .await
-        .map_err(read)?
-        .ok_or_else(|| StepError::Abandon("host vanished".into()))?;
-    if host.state != host_state::ACTIVE {
-        return Err(StepError::Retry(format!("host {} is {}; waiting for it to come back", host.id, host.state)));
-    }
-    let mut agent = ctx.agents.get(&host.agent_addr).await.map_err(|e| StepError::Retry(e.to_string()))?;
-    let agent_err =
-        |what: &str, s: tonic::Status| StepError::Retry(format!("agent {} {what}: {}", host.id, s.message()));
-
-    step(ctx, op, attempts, "ensure_instance").await?;
-    let mut req = tonic::Request::new(EnsureInstanceRequest {
-        cluster_id: cluster.id.clone(),
-        epoch: cluster.epoch as u64,
-        pg_major: cluster.pg_major as u32,
-        port: cluster.port as u32,
-    });
-    req.set_timeout(Duration::from_secs(180));
-    agent.ensure_instance(req).await.map_err(|s| agent_err("ensure_instance", s))?;
+    let members = query::members(pool, &cluster.id).await.map_err(read)?;
+    let hosts = query::hosts(pool).await.map_err(read)?;
+    let primary = members
+        .iter()
+        .find(|m| m.host_id == cluster.primary_host)
+        .ok_or_else(|| StepError::Abandon("cluster has no primary member".into()))?;
+    let request = |m: &Member, sync: bool| {
+        ensure_request(&cluster, &members, &hosts, m, sync)
+            .ok_or_else(|| StepError::Abandon(format!("member {} has no host", m.host_id)))
+    };
+    let slow = Duration::from_secs(300);
     if cluster.state == cluster_state::CREATING {
+        step(ctx, op, attempts, "ensure_primary").await?;
+        let ha = cluster.availability == "ha";
+        ensure(ctx, &hosts, request(primary, false)?, &primary.host_id, slow).await?;
+        if ha {
+            step(ctx, op, attempts, "clone_standbys").await?;
+            for m in members.iter().filter(|m| m.role == member_role::STANDBY) {
+                ensure(ctx, &hosts, request(m, true)?, &m.host_id, slow).await?;
+            }
+            step(ctx, op, attempts, "enable_synchronous_replication").await?;
+            ensure(ctx, &hosts, request(primary, true)?, &primary.host_id, slow).await?;
+        }
+        for m in members.iter().filter(|m| m.state != cluster_state::READY) {
+            let cmd = Command::SetMember {
+                cluster_id: cluster.id.clone(),
+                host_id: m.host_id.clone(),
+                role: m.role.clone(),
+                state: cluster_state::READY.into(),
+                at: crate::now(),
+            };
+            ctx.node.write(cmd).await.map_err(|e| StepError::Retry(e.to_string()))?;
+        }
         let cmd = Command::SetClusterState {
             cluster_id: cluster.id.clone(),
             state: cluster_state::READY.into(),
             at: crate::now(),
         };
         ctx.node.write(cmd).await.map_err(|e| StepError::Retry(e.to_string()))?;
+    } else {
+        step(ctx, op, attempts, "ensure_primary").await?;
+        ensure(ctx, &hosts, request(primary, true)?, &primary.host_id, slow).await?;
     }
 
     step(ctx, op, attempts, "ensure_database").await?;
+    let host = hosts
+        .iter()
+        .find(|h| h.id == primary.host_id)
+        .ok_or_else(|| StepError::Abandon("primary host vanished".into()))?;
+    let mut agent = ctx.agents.get(&host.agent_addr).await.map_err(|e| StepError::Retry(e.to_string()))?;
     let mut req = tonic::Request::new(EnsureDatabaseRequest {
         cluster_id: cluster.id.clone(),
         epoch: cluster.epoch as u64,
@@ -142,6 +186,9 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepErr
         password_scram: steward_agent::pg::scram_verifier(&db.password),
     });
     req.set_timeout(Duration::from_secs(60));
-    agent.ensure_database(req).await.map_err(|s| agent_err("ensure_database", s))?;
+    agent
+        .ensure_database(req)
+        .await
+        .map_err(|s| StepError::Retry(format!("agent {} ensure_database: {}", host.id, s.message())))?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 use sqlx::SqliteConnection;
 
 use super::command::{Command, Response};
-use super::model::{db_state, op_state};
+use super::model::{db_state, member_role, op_state, Member};
 
 /// Applies `cmd`; an `Err` is a storage failure (the transaction is rolled back by the caller).
 pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Response, sqlx::Error> {
@@ -76,7 +76,7 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
             }
             Ok(Response::Done)
         }
-        Command::CreateDatabase { database: db, new_cluster, operation, idempotency_key, actor } => {
+        Command::CreateDatabase { database: db, new_cluster, new_members, operation, idempotency_key, actor } => {
             if let Some(key) = idempotency_key {
                 let prior: Option<(String,)> =
                     sqlx::query_as("SELECT database_id FROM idempotency_keys WHERE team = ? AND key = ?")
@@ -124,9 +124,34 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                     .fetch_optional(&mut *conn)
                     .await?;
                 if exists.is_none() {
+                    let members = if new_members.is_empty() {
+                        vec![Member {
+                            cluster_id: c.id.clone(),
+                            host_id: c.primary_host.clone(),
+                            port: c.port,
+                            role: member_role::PRIMARY.into(),
+                            state: c.state.clone(),
+                        }]
+                    } else {
+                        new_members.clone()
+                    };
+                    for m in &members {
+                        let taken: Option<(String,)> =
+                            sqlx::query_as("SELECT cluster_id FROM cluster_members WHERE host_id = ? AND port = ?")
+                                .bind(&m.host_id)
+                                .bind(m.port)
+                                .fetch_optional(&mut *conn)
+                                .await?;
+                        if taken.is_some() {
+                            return Ok(Response::Conflict {
+                                message: "placement raced with another create; retry the request".to_string(),
+                            });
+                        }
+                    }
                     sqlx::query(
-                        "INSERT INTO clusters (id, pg_major, primary_host, port, epoch, state, created_at)
-                         VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO clusters (id, pg_major, primary_host, port, epoch, state, created_at,
+                            availability, replication_password)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&c.id)
                     .bind(c.pg_major)
@@ -135,8 +160,22 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                     .bind(c.epoch)
                     .bind(&c.state)
                     .bind(&c.created_at)
+                    .bind(&c.availability)
+                    .bind(&c.replication_password)
                     .execute(&mut *conn)
                     .await?;
+                    for m in &members {
+                        sqlx::query(
+                            "INSERT INTO cluster_members (cluster_id, host_id, port, role, state) VALUES (?, ?, ?, ?, ?)",
+                        )
+                        .bind(&m.cluster_id)
+                        .bind(&m.host_id)
+                        .bind(m.port)
+                        .bind(&m.role)
+                        .bind(&m.state)
+                        .execute(&mut *conn)
+                        .await?;
+                    }
                 }
             }
             sqlx::query(
@@ -197,6 +236,82 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                 .bind(cluster_id)
                 .execute(&mut *conn)
                 .await?;
+            Ok(Response::Done)
+        }
+        Command::SetMember { cluster_id, host_id, role, state, at } => {
+            let r = sqlx::query("UPDATE cluster_members SET role = ?, state = ? WHERE cluster_id = ? AND host_id = ?")
+                .bind(role)
+                .bind(state)
+                .bind(cluster_id)
+                .bind(host_id)
+                .execute(&mut *conn)
+                .await?;
+            if r.rows_affected() == 0 {
+                return Ok(Response::NotFound { message: format!("{host_id} is not a member of {cluster_id}") });
+            }
+            audit(
+                conn,
+                at,
+                "controlplane",
+                "member.set",
+                &format!("{cluster_id}/{host_id}"),
+                &format!("{role}/{state}"),
+            )
+            .await?;
+            Ok(Response::Done)
+        }
+        Command::Failover { cluster_id, from_epoch, new_primary, reason, at } => {
+            let cur: Option<(i64, String)> = sqlx::query_as("SELECT epoch, primary_host FROM clusters WHERE id = ?")
+                .bind(cluster_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            let Some((epoch, old_primary)) = cur else {
+                return Ok(Response::NotFound { message: format!("cluster {cluster_id} does not exist") });
+            };
+            if epoch != *from_epoch {
+                return Ok(Response::Conflict {
+                    message: format!("cluster {cluster_id} is at epoch {epoch}, not {from_epoch}"),
+                });
+            }
+            let port: Option<(i64,)> =
+                sqlx::query_as("SELECT port FROM cluster_members WHERE cluster_id = ? AND host_id = ?")
+                    .bind(cluster_id)
+                    .bind(new_primary)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let Some((port,)) = port else {
+                return Ok(Response::NotFound { message: format!("{new_primary} is not a member of {cluster_id}") });
+            };
+            sqlx::query("UPDATE clusters SET epoch = ?, primary_host = ?, port = ? WHERE id = ?")
+                .bind(epoch + 1)
+                .bind(new_primary)
+                .bind(port)
+                .bind(cluster_id)
+                .execute(&mut *conn)
+                .await?;
+            if old_primary != *new_primary {
+                sqlx::query("UPDATE cluster_members SET role = ? WHERE cluster_id = ? AND host_id = ?")
+                    .bind(member_role::FAILED)
+                    .bind(cluster_id)
+                    .bind(&old_primary)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            sqlx::query("UPDATE cluster_members SET role = ? WHERE cluster_id = ? AND host_id = ?")
+                .bind(member_role::PRIMARY)
+                .bind(cluster_id)
+                .bind(new_primary)
+                .execute(&mut *conn)
+                .await?;
+            audit(
+                conn,
+                at,
+                "controlplane",
+                "cluster.failover",
+                cluster_id,
+                &format!("epoch {} -> {}: {old_primary} -> {new_primary} ({reason})", epoch, epoch + 1),
+            )
+            .await?;
             Ok(Response::Done)
         }
         Command::FinishProvision { operation_id, succeeded, error, at } => {

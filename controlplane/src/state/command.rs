@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Cluster, Database, Host, Operation};
+use super::model::{Cluster, Database, Host, Member, Operation};
 
 /// One change to the replicated state. (Variants differ in size; commands are short-lived and
 /// serialized right away, so boxing would buy nothing.)
@@ -32,6 +32,10 @@ pub enum Command {
     CreateDatabase {
         database: Database,
         new_cluster: Option<Cluster>,
+        /// Members of the new cluster (empty for entries written before members existed: then
+        /// the cluster's primary is its only member).
+        #[serde(default)]
+        new_members: Vec<Member>,
         operation: Operation,
         idempotency_key: Option<String>,
         actor: String,
@@ -47,6 +51,23 @@ pub enum Command {
     SetClusterState {
         cluster_id: String,
         state: String,
+        at: String,
+    },
+    /// A member finished its first setup (or changed role after rejoining).
+    SetMember {
+        cluster_id: String,
+        host_id: String,
+        role: String,
+        state: String,
+        at: String,
+    },
+    /// Promotion of `new_primary`, valid only if the cluster is still at `from_epoch`: bumps the
+    /// epoch, makes the old primary `failed` (to rejoin later) and the new one `primary`.
+    Failover {
+        cluster_id: String,
+        from_epoch: i64,
+        new_primary: String,
+        reason: String,
         at: String,
     },
     /// Ends a provisioning operation: the database becomes `active` (or `failed`).

@@ -65,11 +65,41 @@ pub struct Host {
 pub struct Cluster {
     pub id: String,
     pub pg_major: i64,
+    /// Host of the current primary (also in `cluster_members`).
     pub primary_host: String,
+    /// Port of the current primary.
     pub port: i64,
+    /// Bumped on every promotion; agents refuse commands with an older epoch.
     pub epoch: i64,
     pub state: String,
     pub created_at: String,
+    /// `single` or `ha`.
+    #[serde(default = "single")]
+    pub availability: String,
+    #[serde(default)]
+    pub replication_password: String,
+}
+
+fn single() -> String {
+    "single".into()
+}
+
+/// Member roles in a cluster.
+pub mod member_role {
+    pub const PRIMARY: &str = "primary";
+    pub const STANDBY: &str = "standby";
+    /// A former primary that lost its role in a failover and has to rejoin as a standby.
+    pub const FAILED: &str = "failed";
+}
+
+/// One PostgreSQL instance of a cluster, on one host.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct Member {
+    pub cluster_id: String,
+    pub host_id: String,
+    pub port: i64,
+    pub role: String,
+    pub state: String,
 }
 
 /// A database as product teams see it, plus its placement and credentials.

@@ -3,7 +3,7 @@
 
 use sqlx::SqlitePool;
 
-use super::model::{Cluster, Database, Host, Operation, Team};
+use super::model::{Cluster, Database, Host, Member, Operation, Team};
 
 /// The team whose token hashes to `token_hash`.
 pub async fn team_by_token_hash(pool: &SqlitePool, token_hash: &str) -> Result<Option<Team>, sqlx::Error> {
@@ -81,4 +81,20 @@ pub async fn database_counts(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sq
 /// `(state, count)` rows for a table with a `state` column, for metrics.
 pub async fn count_by_state(pool: &SqlitePool, table: &'static str) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT state, COUNT(*) FROM {table} GROUP BY state")).fetch_all(pool).await
+}
+
+/// Members of a cluster, primary first.
+pub async fn members(pool: &SqlitePool, cluster_id: &str) -> Result<Vec<Member>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM cluster_members WHERE cluster_id = ?
+         ORDER BY CASE role WHEN 'primary' THEN 0 WHEN 'standby' THEN 1 ELSE 2 END, host_id",
+    )
+    .bind(cluster_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Every member of every cluster (placement and port allocation).
+pub async fn all_members(pool: &SqlitePool) -> Result<Vec<Member>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM cluster_members ORDER BY cluster_id, host_id").fetch_all(pool).await
 }

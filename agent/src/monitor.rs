@@ -1,0 +1,187 @@
+//! The agent's watch over its instances, several times a second: observe (running, role, LSNs,
+//! a write probe that must commit to local disk in time), then enforce (fence a primary whose
+//! lease ran out or whose postmaster died; restart crashed standbys and single instances; keep
+//! peer leases fresh).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use steward_proto::v1::agent_client::AgentClient;
+use steward_proto::v1::PeerLeaseRequest;
+
+use crate::host::Host;
+use crate::state::ClusterRecord;
+
+/// How often instances are observed.
+pub const INTERVAL: Duration = Duration::from_millis(200);
+/// A write probe slower than this counts as a failure (a stuck disk).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Observes every instance and updates the shared runtime status.
+pub async fn observe_all(host: &Host) {
+    let records = host.state.lock().await.clusters.clone();
+    for (id, rec) in records {
+        let status = observe(host, &id, &rec).await;
+        let mut rt = host.runtime.lock().await;
+        let e = rt.entry(id).or_default();
+        let changed = e.status.running != status.running || e.status.probe_ok != status.probe_ok;
+        e.status = status;
+        drop(rt);
+        if changed {
+            host.wake.notify_one();
+        }
+    }
+}
+
+async fn observe(host: &Host, id: &str, rec: &ClusterRecord) -> steward_proto::v1::InstanceStatus {
+    let mut s = steward_proto::v1::InstanceStatus {
+        cluster_id: id.into(),
+        epoch: rec.epoch,
+        port: u32::from(rec.port),
+        ..Default::default()
+    };
+    let inst = match host.instance(id, rec).await {
+        Ok(i) => i,
+        Err(e) => {
+            s.error = e.to_string();
+            return s;
+        }
+    };
+    s.running = inst.is_running().await;
+    if !s.running {
+        s.role = "stopped".into();
+        return s;
+    }
+    match inst.replication_status().await {
+        Ok(r) => {
+            s.in_recovery = r.in_recovery;
+            s.timeline = r.timeline;
+            s.received_lsn = r.received_lsn;
+            s.replayed_lsn = r.replayed_lsn;
+            s.role = if r.in_recovery { "standby".into() } else { "primary".into() };
+        }
+        Err(e) => s.error = e.to_string(),
+    }
+    if s.role == "primary" {
+        match inst.write_probe(PROBE_TIMEOUT).await {
+            Ok(_) => s.probe_ok = true,
+            Err(e) => s.error = format!("write probe: {e}"),
+        }
+    }
+    s
+}
+
+/// Runs observe + enforce forever.
+pub async fn run(host: Arc<Host>) {
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        observe_all(&host).await;
+        enforce(&host).await;
+    }
+}
+
+async fn enforce(host: &Arc<Host>) {
+    let now = Instant::now();
+    // While a command changes instances (initdb, clone, start, promote), "not running" is
+    // expected: only lease expiry is acted on then.
+    let busy = host.ops.try_lock().is_err();
+    let records = host.state.lock().await.clusters.clone();
+    for (id, rec) in records {
+        let (running, lease, start_peers) = {
+            let mut rt = host.runtime.lock().await;
+            let e = rt.entry(id.clone()).or_default();
+            if e.status.running
+                && !e.was_running
+                && e.lease.boot_grace_until.is_none()
+                && now < host.started + lease_of(&rec)
+            {
+                // Already running when this agent started: keep it for one lease period while
+                // the first heartbeats fetch a lease.
+                e.lease.boot_grace_until = Some(host.started + lease_of(&rec));
+            }
+            if e.status.running {
+                e.was_running = true;
+            }
+            let start_peers = e.status.running && !rec.peer_agents.is_empty() && !e.peer_refresh;
+            if start_peers {
+                e.peer_refresh = true;
+            }
+            (e.status.running, e.lease, start_peers)
+        };
+        if rec.fenced {
+            if running {
+                host.fence(&id, "fenced member found running").await;
+            }
+            continue;
+        }
+        if rec.is_primary() && rec.lease_ms > 0 {
+            if running && !lease.valid(now) {
+                host.fence(&id, "lease expired: no grant from the control plane and not every standby acknowledged")
+                    .await;
+            } else if !running && !busy {
+                // Died, or was down when the agent started: never restart an HA primary on our
+                // own; the control plane fails over and this member rejoins as a standby.
+                host.fence(&id, "PostgreSQL is not running").await;
+            } else if start_peers {
+                tokio::spawn(refresh_peer_lease(host.clone(), id.clone(), rec.clone()));
+                continue;
+            }
+        } else if !running && !busy {
+            restart(host, &id, &rec).await;
+        }
+        if start_peers {
+            if let Some(e) = host.runtime.lock().await.get_mut(&id) {
+                e.peer_refresh = false;
+            }
+        }
+    }
+}
+
+fn lease_of(rec: &ClusterRecord) -> Duration {
+    Duration::from_millis(u64::from(rec.lease_ms))
+}
+
+async fn restart(host: &Arc<Host>, id: &str, rec: &ClusterRecord) {
+    let Ok(_ops) = host.ops.try_lock() else {
+        return; // a command is changing instances right now
+    };
+    tracing::warn!(cluster = %id, role = %rec.role, "PostgreSQL is not running: starting it");
+    if let Err(e) = host.apply_locked(id, rec).await {
+        tracing::error!(cluster = %id, error = %e, "restarting PostgreSQL failed");
+    }
+}
+
+/// Asks every standby's agent to acknowledge this primary; all must agree for the peer lease.
+async fn refresh_peer_lease(host: Arc<Host>, id: String, rec: ClusterRecord) {
+    let sent = Instant::now();
+    let mut all = true;
+    for peer in &rec.peer_agents {
+        let url = if peer.contains("://") { peer.clone() } else { format!("http://{peer}") };
+        let granted = async {
+            let ch = tonic::transport::Endpoint::from_shared(url)
+                .ok()?
+                .connect_timeout(Duration::from_millis(300))
+                .connect()
+                .await
+                .ok()?;
+            let mut req = tonic::Request::new(PeerLeaseRequest {
+                cluster_id: id.clone(),
+                epoch: rec.epoch,
+                lease_ms: rec.lease_ms,
+            });
+            req.set_timeout(Duration::from_millis(300));
+            AgentClient::new(ch).peer_lease(req).await.ok().map(|r| r.into_inner().granted)
+        }
+        .await
+        .unwrap_or(false);
+        all &= granted;
+    }
+    let mut rt = host.runtime.lock().await;
+    let e = rt.entry(id).or_default();
+    if all {
+        e.lease.peers_acknowledged(sent, lease_of(&rec));
+    }
+    e.peer_refresh = false;
+}
