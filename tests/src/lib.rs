@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod fleet;
 pub mod netns;
 pub mod sim;
 
@@ -180,10 +181,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// Describes a node; `start` runs it.
+    /// Describes a node on loopback; `start` runs it.
     pub fn new(root: &Path, id: u64, token_file: &Path, extra: &[&str]) -> Self {
-        let grpc = format!("127.0.0.1:{}", free_port());
-        let api = format!("127.0.0.1:{}", free_port());
+        Self::new_on("127.0.0.1", root, id, token_file, extra)
+    }
+
+    /// Describes a node listening on `ip` (e.g. a test lab's bridge address).
+    pub fn new_on(ip: &str, root: &Path, id: u64, token_file: &Path, extra: &[&str]) -> Self {
+        let grpc = format!("{ip}:{}", free_port());
+        let api = format!("{ip}:{}", free_port());
         let dir = root.join(format!("cp-{id}"));
         let mut args: Vec<String> = vec![
             "run".into(),

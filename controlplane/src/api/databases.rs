@@ -37,7 +37,9 @@ pub async fn connection(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx:
     let hosts = endpoints.join(",");
     let base = format!("postgresql://{}:{}@{}/{}", db.role_name, db.password, hosts, db.pg_name);
     let mut conn = json!({
-        "uri": format!("{base}?target_session_attrs=read-write"),
+        // connect_timeout applies to each listed host: a frozen or partitioned member must not
+        // hold a client back from trying the next one.
+        "uri": format!("{base}?target_session_attrs=read-write&connect_timeout=2"),
         "host": primary.pg_host,
         "port": cluster.port,
         "hosts": endpoints,
@@ -46,7 +48,7 @@ pub async fn connection(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx:
         "password": db.password,
     });
     if cluster.availability == "ha" {
-        conn["read_only_uri"] = json!(format!("{base}?target_session_attrs=prefer-standby"));
+        conn["read_only_uri"] = json!(format!("{base}?target_session_attrs=prefer-standby&connect_timeout=2"));
     }
     Ok(conn)
 }

@@ -1,0 +1,167 @@
+//! Chaos suite for HA clusters: database hosts are network namespaces running real agents and
+//! PostgreSQL. Each scenario runs a writer through the multi-host URI and a writer pinned to the
+//! primary, breaks something, and checks after recovery that every acknowledged write is on the
+//! current primary and that no two members accepted writes at the same time.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use steward_tests::fleet::{longest_pause, verify, Fleet, Writer};
+use steward_tests::wait_for;
+
+/// One scenario at a time: each runs three PostgreSQL instances and control-plane nodes.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Setup {
+    fleet: Fleet,
+    uri: String,
+    primary: usize,
+    writer: Writer,
+    pinned: Writer,
+}
+
+async fn setup(cp: usize) -> Result<Setup> {
+    let fleet = Fleet::start(cp, 3).await?;
+    let uri = fleet.ha_database().await?;
+    let c = fleet.cluster().await?;
+    ensure!(c.epoch == 1, "fresh cluster at epoch {}", c.epoch);
+    let primary = fleet.index_of(&c.primary_host).context("primary host")?;
+    let writer = Writer::start(uri.clone(), 1);
+    let pinned = Writer::start(Fleet::pinned_uri(&uri, &fleet.hosts[primary]), 1_000_000_000);
+    writer.wait_more(30, Duration::from_secs(30)).await?;
+    pinned.wait_more(30, Duration::from_secs(30)).await?;
+    Ok(Setup { fleet, uri, primary, writer, pinned })
+}
+
+/// Waits for a failover away from `old` and for writes to flow again; returns the time from
+/// `broken_at` to the recorded failover.
+async fn await_failover(s: &Setup, old: &str, broken_at: Instant) -> Result<Duration> {
+    wait_for("a failover to another member", Duration::from_secs(30), || async {
+        let c = s.fleet.cluster().await?;
+        Ok((c.epoch >= 2 && c.primary_host != old).then_some(()))
+    })
+    .await?;
+    let took = broken_at.elapsed();
+    s.writer.wait_more(30, Duration::from_secs(30)).await?;
+    Ok(took)
+}
+
+async fn finish(s: Setup, old: &str, broken_at: Instant) -> Result<()> {
+    wait_for("the old primary to rejoin as a standby", Duration::from_secs(120), || async {
+        let c = s.fleet.cluster().await?;
+        Ok(c.members
+            .iter()
+            .any(|m| m.host_id == old && m.role == "standby" && m.running && m.in_recovery)
+            .then_some(()))
+    })
+    .await?;
+    let mut acks = s.writer.finish().await;
+    println!("longest write pause after the fault: {:?}", longest_pause(&acks, broken_at));
+    acks.extend(s.pinned.finish().await);
+    verify(&s.uri, &acks).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_host_frozen() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup(1).await?;
+    let old = s.fleet.host_id(s.primary);
+    let at = Instant::now();
+    s.fleet.hosts[s.primary].freeze()?;
+    let took = await_failover(&s, &old, at).await?;
+    println!("frozen primary: failover recorded after {took:?}");
+    s.fleet.hosts[s.primary].thaw()?;
+    finish(s, &old, at).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_host_partitioned() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup(1).await?;
+    let old = s.fleet.host_id(s.primary);
+    let at = Instant::now();
+    s.fleet.hosts[s.primary].partition()?;
+    let took = await_failover(&s, &old, at).await?;
+    println!("partitioned primary: failover recorded after {took:?}");
+    s.fleet.hosts[s.primary].heal()?;
+    finish(s, &old, at).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_partitioned_outbound_only() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup(1).await?;
+    let old = s.fleet.host_id(s.primary);
+    let at = Instant::now();
+    // The primary's host receives but cannot send: no heartbeat reaches the control plane.
+    s.fleet.hosts[s.primary].partition_outbound()?;
+    let took = await_failover(&s, &old, at).await?;
+    println!("outbound-partitioned primary: failover recorded after {took:?}");
+    s.fleet.hosts[s.primary].heal_outbound()?;
+    finish(s, &old, at).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_partitioned_inbound_only() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = setup(1).await?;
+    let old = s.fleet.host_id(s.primary);
+    let at = Instant::now();
+    // The primary's host sends but receives nothing: heartbeats arrive, lease grants do not.
+    s.fleet.hosts[s.primary].partition_inbound()?;
+    let took = await_failover(&s, &old, at).await?;
+    println!("inbound-partitioned primary: failover recorded after {took:?}");
+    s.fleet.hosts[s.primary].heal_inbound()?;
+    finish(s, &old, at).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_plane_leader_killed_during_failover() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup(3).await?;
+    let old = s.fleet.host_id(s.primary);
+    let c = s.fleet.cluster().await?;
+    let leader =
+        steward_tests::wait_leader(&s.fleet.rest, &s.fleet.nodes.iter().collect::<Vec<_>>(), Duration::from_secs(10))
+            .await?;
+    let pidfile = s.fleet.scratch.path().join(&old).join("clusters").join(&c.id).join("pgdata").join("postmaster.pid");
+    let pid: i32 = std::fs::read_to_string(&pidfile)?.lines().next().unwrap_or("").trim().parse()?;
+    let at = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+    // Kill the control-plane leader while it reacts to the failure.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    if let Some(n) = s.fleet.nodes.iter_mut().find(|n| n.id == leader) {
+        n.kill();
+    }
+    let took = await_failover(&s, &old, at).await?;
+    println!("failover with the control-plane leader killed: recorded after {took:?}");
+    finish(s, &old, at).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_plane_down_primary_keeps_serving() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = setup(1).await?;
+    let before = s.writer.count();
+    let at = Instant::now();
+    for n in s.fleet.nodes.iter_mut() {
+        n.kill();
+    }
+    // Three lease periods without any control plane: the standbys' acknowledgements keep the
+    // primary's lease alive.
+    tokio::time::sleep(Duration::from_millis(3 * 2500)).await;
+    let during = s.writer.count() - before;
+    let pause = longest_pause(&s.writer.acks.lock().map(|a| a.clone()).unwrap_or_default(), at);
+    ensure!(during > 100, "only {during} writes acknowledged while the control plane was down");
+    ensure!(pause < Duration::from_secs(1), "writes paused {pause:?} while the control plane was down");
+    println!("control plane down: {during} writes in 7.5 s, longest pause {pause:?}");
+    s.fleet.nodes[0].start()?;
+    let c = wait_for("the control plane back", Duration::from_secs(30), || async { Ok(s.fleet.cluster().await.ok()) })
+        .await?;
+    ensure!(c.epoch == 1 && c.primary_host == s.fleet.host_id(s.primary), "primary changed: {c:?}");
+    s.writer.wait_more(30, Duration::from_secs(30)).await?;
+    let mut acks = s.writer.finish().await;
+    acks.extend(s.pinned.finish().await);
+    verify(&s.uri, &acks).await
+}
