@@ -3,7 +3,6 @@
 //! primary, breaks something, and checks after recovery that every acknowledged write is on the
 //! current primary and that no two members accepted writes at the same time.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -11,7 +10,7 @@ use steward_tests::fleet::{longest_pause, verify, Fleet, Writer};
 use steward_tests::wait_for;
 
 /// One scenario at a time: each runs three PostgreSQL instances and control-plane nodes.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Setup {
     fleet: Fleet,
@@ -64,7 +63,7 @@ async fn finish(s: Setup, old: &str, broken_at: Instant) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_host_frozen() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let s = setup(1).await?;
     let old = s.fleet.host_id(s.primary);
     let at = Instant::now();
@@ -77,7 +76,7 @@ async fn primary_host_frozen() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_host_partitioned() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let s = setup(1).await?;
     let old = s.fleet.host_id(s.primary);
     let at = Instant::now();
@@ -90,7 +89,7 @@ async fn primary_host_partitioned() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_partitioned_outbound_only() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let s = setup(1).await?;
     let old = s.fleet.host_id(s.primary);
     let at = Instant::now();
@@ -104,7 +103,7 @@ async fn primary_partitioned_outbound_only() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_partitioned_inbound_only() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let s = setup(1).await?;
     let old = s.fleet.host_id(s.primary);
     let at = Instant::now();
@@ -118,7 +117,7 @@ async fn primary_partitioned_inbound_only() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_plane_leader_killed_during_failover() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut s = setup(3).await?;
     let old = s.fleet.host_id(s.primary);
     let c = s.fleet.cluster().await?;
@@ -141,7 +140,7 @@ async fn control_plane_leader_killed_during_failover() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_plane_down_primary_keeps_serving() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut s = setup(1).await?;
     let before = s.writer.count();
     let at = Instant::now();
