@@ -164,6 +164,28 @@ impl Host {
                 tracing::error!(cluster = %cluster_id, error = %e, "fencing: stopping PostgreSQL failed");
             }
         }
+        self.mark_fenced(cluster_id, why).await;
+    }
+
+    /// Planned fence (switchover): marks the primary fenced first, so the monitor cannot restart
+    /// it, then stops it with a fast shutdown, which streams all WAL to connected standbys.
+    /// Returns the shutdown checkpoint's LSN.
+    pub async fn fence_gracefully(&self, cluster_id: &str, epoch: u64) -> Result<u64, Refusal> {
+        let rec = self.admit(cluster_id, epoch, None).await?;
+        if !rec.is_primary() {
+            return Err(Refusal::NotAllowed(format!("this member of {cluster_id} is not the primary")));
+        }
+        let _ops = self.ops.lock().await;
+        self.mark_fenced(cluster_id, "planned switchover").await;
+        let inst = self.instance(cluster_id, &rec).await?;
+        if let Err(e) = inst.stop().await {
+            tracing::warn!(cluster = %cluster_id, error = %e, "fast shutdown failed: stopping immediately");
+            inst.stop_immediate().await?;
+        }
+        Ok(inst.checkpoint_lsn().await?)
+    }
+
+    async fn mark_fenced(&self, cluster_id: &str, why: &str) {
         let mut st = self.state.lock().await;
         if let Some(rec) = st.clusters.get_mut(cluster_id) {
             if !rec.fenced {
@@ -215,6 +237,10 @@ impl Host {
             inst.set_role(Role::Primary { synchronous_standby_names: rec.synchronous_standby_names.clone() }, &name);
             let created = inst.ensure_initialized().await?;
             inst.write_config().await?;
+            // Only control-plane commands start an HA primary (the monitor fences instead of
+            // restarting one): the command is the grant, counted from when PostgreSQL starts
+            // rather than from when a slow initdb began.
+            self.grant_from_command(cluster_id, rec.lease_ms).await;
             inst.start().await?;
             if !rec.replication_password.is_empty() {
                 inst.ensure_replication_role(&crate::pg::scram_verifier(&rec.replication_password)).await?;

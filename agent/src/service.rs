@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use steward_proto::v1::agent_server::Agent;
 use steward_proto::v1::{
     AgentStatusReply, AgentStatusRequest, EnsureDatabaseReply, EnsureDatabaseRequest, EnsureInstanceReply,
-    EnsureInstanceRequest, PeerLeaseReply, PeerLeaseRequest, PromoteReply, PromoteRequest,
+    EnsureInstanceRequest, FenceReply, FenceRequest, PeerLeaseReply, PeerLeaseRequest, PromoteReply, PromoteRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -146,6 +146,20 @@ impl Agent for AgentService {
         crate::monitor::observe_all(&self.host).await;
         let status = self.host.statuses().await.into_iter().find(|s| s.cluster_id == r.cluster_id);
         Ok(Response::new(PromoteReply { status }))
+    }
+
+    async fn fence(&self, req: Request<FenceRequest>) -> Result<Response<FenceReply>, Status> {
+        let r = req.into_inner();
+        valid_cluster_id(&r.cluster_id)?;
+        tracing::info!(cluster = %r.cluster_id, epoch = r.epoch, graceful = r.graceful, "fence requested");
+        let final_lsn = if r.graceful {
+            self.host.fence_gracefully(&r.cluster_id, r.epoch).await.map_err(refusal)?
+        } else {
+            self.host.admit(&r.cluster_id, r.epoch, None).await.map_err(refusal)?;
+            self.host.fence(&r.cluster_id, "requested by the control plane").await;
+            0
+        };
+        Ok(Response::new(FenceReply { final_lsn }))
     }
 
     async fn peer_lease(&self, req: Request<PeerLeaseRequest>) -> Result<Response<PeerLeaseReply>, Status> {

@@ -93,6 +93,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let grpc_addr = grpc_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
 
+    let ctx = reconcile::Ctx::new(node.clone(), liveness.clone(), metrics.clone(), cfg.host_down_after);
     let grpc = tonic::transport::Server::builder()
         .add_service(RaftServer::new(RaftService::new(node.clone())).max_decoding_message_size(64 << 20))
         .add_service(ControlPlaneServer::new(AgentFacing {
@@ -105,6 +106,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             node: node.clone(),
             liveness: liveness.clone(),
             admin_token_hash: admin_token_hash.clone(),
+            ctx: ctx.clone(),
         }));
     let rx = stop_rx.clone();
     tasks.spawn(async move {
@@ -122,7 +124,6 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         }
     });
 
-    let ctx = reconcile::Ctx::new(node.clone(), liveness, metrics, cfg.host_down_after);
     let rx = stop_rx.clone();
     tasks.spawn(async move {
         tokio::select! {

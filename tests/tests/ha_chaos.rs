@@ -164,3 +164,26 @@ async fn control_plane_down_primary_keeps_serving() -> Result<()> {
     acks.extend(s.pinned.finish().await);
     verify(&s.uri, &acks).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn planned_switchover() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup(1).await?;
+    let old = s.fleet.host_id(s.primary);
+    let c = s.fleet.cluster().await?;
+    let token_file = s.fleet.scratch.path().join("admin.token");
+    let at = Instant::now();
+    let out = std::process::Command::new(steward_tests::bin("stewardctl"))
+        .args(["--server", &s.fleet.nodes[0].grpc, "--token-file", &token_file.display().to_string(), "-o", "json"])
+        .args(["cluster", "switchover", &c.id])
+        .output()?;
+    ensure!(out.status.success(), "switchover failed: {}", String::from_utf8_lossy(&out.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(reply["old_primary"] == old.as_str() && reply["new_primary"] != old.as_str(), "reply: {reply}");
+    ensure!(reply["epoch"] == 2, "reply: {reply}");
+    s.writer.wait_more(30, Duration::from_secs(30)).await?;
+    println!("switchover: control plane measured a write pause of {} ms", reply["write_pause_ms"]);
+    let after = s.fleet.cluster().await?;
+    ensure!(after.primary_host != old && after.epoch == 2, "cluster after switchover: {after:?}");
+    finish(s, &old, at).await
+}

@@ -5,6 +5,7 @@
 
 pub mod binaries;
 pub mod config;
+pub mod controldata;
 mod database;
 pub mod error;
 pub mod instance;

@@ -49,6 +49,22 @@ enum Cmd {
     Databases,
     /// Show one operation.
     Operation { id: String },
+    /// HA cluster actions.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Planned switchover: stop the primary gracefully, promote a caught-up standby, repoint the
+    /// others; the old primary rejoins as a standby. Writes pause for well under a second.
+    Switchover {
+        /// Cluster id (see `stewardctl clusters`).
+        cluster: String,
+        /// Standby host to promote (default: the most caught-up standby).
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -262,6 +278,26 @@ async fn main() -> anyhow::Result<()> {
                             ]
                         })
                         .collect(),
+                );
+            }
+        }
+        Cmd::Cluster(ClusterCmd::Switchover { cluster, to }) => {
+            let r = c
+                .switchover(req(
+                    &tok,
+                    SwitchoverRequest { cluster_id: cluster.clone(), target_host: to.clone().unwrap_or_default() },
+                )?)
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({"old_primary": r.old_primary, "new_primary": r.new_primary, "epoch": r.epoch, "write_pause_ms": r.write_pause_ms})
+                );
+            } else {
+                println!(
+                    "switched {cluster} from {} to {} (epoch {}); writes paused {} ms",
+                    r.old_primary, r.new_primary, r.epoch, r.write_pause_ms
                 );
             }
         }

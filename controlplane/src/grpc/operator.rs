@@ -23,6 +23,8 @@ pub struct OperatorService {
     pub node: Arc<RaftNode>,
     pub liveness: Arc<Liveness>,
     pub admin_token_hash: Arc<String>,
+    /// Reconciler context, for operator actions that drive agents (switchover).
+    pub ctx: Arc<crate::reconcile::Ctx>,
 }
 
 fn authorize<T>(req: &Request<T>, admin_hash: &str) -> Result<String, Status> {
@@ -242,6 +244,26 @@ impl Operator for OperatorService {
             })
             .collect();
         Ok(Response::new(ListDatabasesReply { databases }))
+    }
+
+    async fn switchover(&self, req: Request<SwitchoverRequest>) -> Result<Response<SwitchoverReply>, Status> {
+        let token = authorize(&req, &self.admin_token_hash)?;
+        let r = req.into_inner();
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.switchover(Self::forwarded(&token, r)?).await;
+        }
+        let target = (!r.target_host.is_empty()).then_some(r.target_host.as_str());
+        match crate::reconcile::switchover::run(&self.ctx, &r.cluster_id, target).await {
+            Ok(s) => Ok(Response::new(SwitchoverReply {
+                old_primary: s.old_primary,
+                new_primary: s.new_primary,
+                epoch: s.epoch,
+                write_pause_ms: s.write_pause.as_millis() as u64,
+            })),
+            Err(crate::reconcile::switchover::SwitchoverError::Refused(m)) => Err(Status::failed_precondition(m)),
+            Err(crate::reconcile::switchover::SwitchoverError::Failed(m)) => Err(Status::aborted(m)),
+        }
     }
 
     async fn get_operation(&self, req: Request<GetOperationRequest>) -> Result<Response<OperationInfo>, Status> {

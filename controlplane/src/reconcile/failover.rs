@@ -70,7 +70,7 @@ pub fn safe_to_promote(fenced_reported: bool, lease_until: Option<Instant>, now:
 pub async fn check(ctx: &Ctx, leader_since: Instant) -> anyhow::Result<()> {
     let pool = ctx.node.store.pool();
     for cluster in query::clusters(pool).await? {
-        if cluster.availability != "ha" || cluster.state != cluster_state::READY {
+        if cluster.availability != "ha" || cluster.state != cluster_state::READY || ctx.is_busy(&cluster.id) {
             continue;
         }
         let seen = ctx.liveness.get(&cluster.primary_host);
@@ -86,7 +86,7 @@ pub async fn check(ctx: &Ctx, leader_since: Instant) -> anyhow::Result<()> {
             // A promotion was recorded but not carried out (e.g. the previous leader died
             // mid-way): finish it.
             tracing::warn!(cluster = %cluster.id, primary = %cluster.primary_host, "recorded primary is not serving yet: resuming promotion");
-            if let Err(e) = promote_recorded(ctx, &cluster.id).await {
+            if let Err(e) = promote_recorded(ctx, &cluster.id, false).await {
                 tracing::warn!(cluster = %cluster.id, error = %e, "resuming promotion failed; will retry");
             }
             continue;
@@ -152,12 +152,13 @@ async fn fail_over(ctx: &Ctx, cluster: &Cluster, reason: &str) -> anyhow::Result
         Response::Done => {}
         other => anyhow::bail!("recording the failover: {other:?}"),
     }
-    promote_recorded(ctx, &cluster.id).await
+    promote_recorded(ctx, &cluster.id, false).await
 }
 
 /// Carries out the promotion recorded in the state (also after a leader change mid-way):
 /// promote the recorded primary at the recorded epoch, then repoint the standbys.
-pub async fn promote_recorded(ctx: &Ctx, cluster_id: &str) -> anyhow::Result<()> {
+/// `old_fenced`: the caller itself fenced the old primary (switchover).
+pub async fn promote_recorded(ctx: &Ctx, cluster_id: &str, old_fenced: bool) -> anyhow::Result<()> {
     let pool = ctx.node.store.pool();
     let cluster = query::cluster(pool, cluster_id).await?.ok_or_else(|| anyhow::anyhow!("cluster vanished"))?;
     let members = query::members(pool, cluster_id).await?;
@@ -167,12 +168,13 @@ pub async fn promote_recorded(ctx: &Ctx, cluster_id: &str) -> anyhow::Result<()>
     let others: Vec<&str> =
         members.iter().filter(|m| m.host_id != cluster.primary_host).map(|m| m.host_id.as_str()).collect();
     let now = Instant::now();
-    let old_primary_fenced = members.iter().filter(|m| m.role == member_role::FAILED).all(|m| {
-        ctx.liveness.get(&m.host_id).is_some_and(|s| {
-            now.saturating_duration_since(s.at) <= SILENCE
-                && s.instances.iter().any(|i| i.cluster_id == cluster.id && i.fenced && !i.running)
-        })
-    });
+    let old_primary_fenced = old_fenced
+        || members.iter().filter(|m| m.role == member_role::FAILED).all(|m| {
+            ctx.liveness.get(&m.host_id).is_some_and(|s| {
+                now.saturating_duration_since(s.at) <= SILENCE
+                    && s.instances.iter().any(|i| i.cluster_id == cluster.id && i.fenced && !i.running)
+            })
+        });
     let mut agent = ctx.agents.get(&primary_host.agent_addr).await?;
     let mut req = tonic::Request::new(PromoteRequest {
         cluster_id: cluster.id.clone(),

@@ -7,6 +7,7 @@ pub mod liveness;
 pub mod placement;
 pub mod provision;
 pub mod rejoin;
+pub mod switchover;
 pub mod topology;
 
 use std::collections::HashSet;
@@ -31,6 +32,8 @@ pub struct Ctx {
     in_flight: Mutex<HashSet<String>>,
     /// A rejoin pass is running (it may take as long as a clone).
     rejoining: std::sync::atomic::AtomicBool,
+    /// Clusters an operator action (switchover) is changing: automatic failover leaves them be.
+    busy: Mutex<HashSet<String>>,
 }
 
 impl Ctx {
@@ -43,11 +46,27 @@ impl Ctx {
             down_after,
             in_flight: Mutex::new(HashSet::new()),
             rejoining: Default::default(),
+            busy: Mutex::new(HashSet::new()),
         })
     }
 }
 
 impl Ctx {
+    /// Claims a cluster for an operator action; false if another one holds it.
+    pub fn claim(&self, cluster_id: &str) -> bool {
+        self.busy.lock().map(|mut b| b.insert(cluster_id.to_string())).unwrap_or(false)
+    }
+
+    pub fn release(&self, cluster_id: &str) {
+        if let Ok(mut b) = self.busy.lock() {
+            b.remove(cluster_id);
+        }
+    }
+
+    pub fn is_busy(&self, cluster_id: &str) -> bool {
+        self.busy.lock().map(|b| b.contains(cluster_id)).unwrap_or(false)
+    }
+
     /// Claims the rejoin pass if none is running.
     fn rejoin_idle(&self) -> bool {
         !self.rejoining.swap(true, std::sync::atomic::Ordering::AcqRel)
