@@ -4,6 +4,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::raft::node::RaftNode;
+use crate::reconcile::liveness::Liveness;
 use crate::state::query;
 
 /// Counters updated by the request paths.
@@ -13,10 +14,11 @@ pub struct Metrics {
     pub registrations: AtomicU64,
     pub databases_created: AtomicU64,
     pub agent_calls_failed: AtomicU64,
+    pub failovers: AtomicU64,
 }
 
 /// Renders every metric as Prometheus text.
-pub async fn render(node: &RaftNode, m: &Metrics) -> String {
+pub async fn render(node: &RaftNode, m: &Metrics, liveness: &Liveness) -> String {
     let mut out = String::new();
     let rm = node.raft.metrics().borrow().clone();
     let is_leader = u8::from(rm.current_leader == Some(node.id));
@@ -49,6 +51,7 @@ pub async fn render(node: &RaftNode, m: &Metrics) -> String {
         ("steward_registrations_total", "Agent registrations received.", &m.registrations),
         ("steward_databases_created_total", "Databases accepted for creation.", &m.databases_created),
         ("steward_agent_calls_failed_total", "Commands to agents that failed.", &m.agent_calls_failed),
+        ("steward_failovers_total", "Failovers and switchovers this node carried out as leader.", &m.failovers),
     ];
     for (name, help, c) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
@@ -64,5 +67,39 @@ pub async fn render(node: &RaftNode, m: &Metrics) -> String {
             }
         }
     }
+    cluster_metrics(&mut out, pool, liveness).await;
     out
+}
+
+/// Per-cluster epoch and per-member role, state and replication lag. Observed values (running,
+/// lag) come from agents' heartbeats, which only the leader receives.
+async fn cluster_metrics(out: &mut String, pool: &sqlx::SqlitePool, liveness: &Liveness) {
+    let Ok(clusters) = query::clusters(pool).await else { return };
+    let _ = writeln!(
+        out,
+        "# HELP steward_cluster_epoch Promotion epoch of each cluster.\n# TYPE steward_cluster_epoch gauge"
+    );
+    for c in &clusters {
+        let _ = writeln!(out, "steward_cluster_epoch{{cluster=\"{}\"}} {}", c.id, c.epoch);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP steward_member_info Recorded role of each member (value 1).\n# TYPE steward_member_info gauge\n\
+         # HELP steward_member_running 1 when the member's PostgreSQL runs (per its agent).\n# TYPE steward_member_running gauge\n\
+         # HELP steward_member_lag_bytes Replay lag behind the primary's WAL position.\n# TYPE steward_member_lag_bytes gauge"
+    );
+    for c in &clusters {
+        let observed =
+            |host: &str| liveness.get(host).and_then(|s| s.instances.into_iter().find(|i| i.cluster_id == c.id));
+        let primary_lsn = observed(&c.primary_host).map(|i| i.received_lsn).unwrap_or(0);
+        let Ok(members) = query::members(pool, &c.id).await else { continue };
+        for m in members {
+            let o = observed(&m.host_id).unwrap_or_default();
+            let labels = format!("cluster=\"{}\",host=\"{}\"", c.id, m.host_id);
+            let lag = if m.host_id == c.primary_host { 0 } else { primary_lsn.saturating_sub(o.replayed_lsn) };
+            let _ = writeln!(out, "steward_member_info{{{labels},role=\"{}\",state=\"{}\"}} 1", m.role, m.state);
+            let _ = writeln!(out, "steward_member_running{{{labels}}} {}", u8::from(o.running));
+            let _ = writeln!(out, "steward_member_lag_bytes{{{labels}}} {lag}");
+        }
+    }
 }

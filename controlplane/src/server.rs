@@ -116,7 +116,12 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         }
     });
 
-    let app = api::router(AppState { node: node.clone(), admin_token_hash, metrics: metrics.clone() });
+    let app = api::router(AppState {
+        node: node.clone(),
+        admin_token_hash,
+        metrics: metrics.clone(),
+        liveness: liveness.clone(),
+    });
     let rx = stop_rx.clone();
     tasks.spawn(async move {
         if let Err(e) = axum::serve(api_listener, app).with_graceful_shutdown(wait_stop(rx)).await {

@@ -28,12 +28,39 @@ pub struct Fleet {
     // Dropped last: the lab kills what runs in the namespaces, the scratch stops PostgreSQL.
     pub lab: Lab,
     pub scratch: Scratch,
+    /// Small filesystems mounted as hosts' data paths (for disk-full scenarios).
+    pub mounts: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if self.mounts.is_empty() {
+            return;
+        }
+        // Everything that may hold files open on the mounts must be gone before unmounting.
+        self.agents.clear();
+        if let Err(e) = self.lab.cleanup() {
+            eprintln!("lab cleanup: {e:#}");
+        }
+        crate::stop_postgres_under(self.scratch.path());
+        for m in &self.mounts {
+            let out = std::process::Command::new("umount").arg(m).output();
+            if !out.as_ref().is_ok_and(|o| o.status.success()) {
+                eprintln!("umount {}: {out:?}", m.display());
+            }
+        }
+    }
 }
 
 impl Fleet {
     /// `cp` control-plane nodes and `n` database hosts; creates a team and returns once every
     /// host has registered.
     pub async fn start(cp: usize, n: u8) -> Result<Self> {
+        Self::start_with(cp, n, &[]).await
+    }
+
+    /// Like [`Fleet::start`], with `(host index, MiB)` tmpfs mounts as those hosts' data paths.
+    pub async fn start_with(cp: usize, n: u8, small_disks: &[(usize, u32)]) -> Result<Self> {
         let mut lab = Lab::new()?;
         let scratch = Scratch::new("steward-fleet-")?;
         let root = scratch.path().to_path_buf();
@@ -53,7 +80,32 @@ impl Fleet {
         for i in 1..=n {
             hosts.push(lab.host(i)?);
         }
-        let mut fleet = Fleet { nodes, hosts, agents: Vec::new(), admin, rest, token: String::new(), lab, scratch };
+        let mut fleet = Fleet {
+            nodes,
+            hosts,
+            agents: Vec::new(),
+            admin,
+            rest,
+            token: String::new(),
+            lab,
+            scratch,
+            mounts: Vec::new(),
+        };
+        for (i, mib) in small_disks {
+            let dir = fleet.scratch.path().join(fleet.host_id(*i));
+            std::fs::create_dir_all(&dir)?;
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0755"), "tmpfs"])
+                .arg(&dir)
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "mounting a tmpfs on {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            fleet.mounts.push(dir);
+        }
         for i in 0..fleet.hosts.len() {
             let p = fleet.spawn_agent(i)?;
             fleet.agents.push(Some(p));

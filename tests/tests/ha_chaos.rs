@@ -187,3 +187,60 @@ async fn planned_switchover() -> Result<()> {
     ensure!(after.primary_host != old && after.epoch == 2, "cluster after switchover: {after:?}");
     finish(s, &old, at).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standby_disk_full() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    // Placement puts the primary on host-1 (equal fill, lowest id): host-3 is a standby on a
+    // small filesystem.
+    // (Placement wants 1 GiB free on a host, so the filesystem is a little larger than that.)
+    let fleet = Fleet::start_with(1, 3, &[(2, 1100)]).await?;
+    let uri = fleet.ha_database().await?;
+    let c = fleet.cluster().await?;
+    ensure!(c.primary_host == "host-1", "expected the primary on host-1: {c:?}");
+    let writer = Writer::start(uri.clone(), 1);
+    writer.wait_more(30, Duration::from_secs(30)).await?;
+    // Fill host-3's disk.
+    let fill = fleet.scratch.path().join("host-3").join("fill");
+    // dd stops with ENOSPC once the filesystem is full (its exit status says so: expected).
+    let _ = std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", fill.display()))
+        .arg("bs=1M")
+        .output()?;
+    let df = std::process::Command::new("df").arg("--output=avail").arg(fill.parent().unwrap_or(&fill)).output()?;
+    println!("host-3 free after filling: {}", String::from_utf8_lossy(&df.stdout).replace('\n', " "));
+    let at = Instant::now();
+    // Make a lot of WAL flow, so the standby needs new segments it has no room for; the primary
+    // keeps acknowledging through host-2.
+    let (client, task) = steward_tests::fleet::connect_read_write(&uri).await.context("connect")?;
+    client
+        .batch_execute(
+            "CREATE TABLE filler AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 200000) g",
+        )
+        .await?;
+    task.abort();
+    wait_for("the full standby to fall behind", Duration::from_secs(60), || async {
+        let c = fleet.cluster().await?;
+        Ok(c.members.iter().any(|m| m.host_id == "host-3" && (m.lag_bytes > 16 << 20 || !m.running)).then_some(()))
+    })
+    .await?;
+    writer.wait_more(300, Duration::from_secs(60)).await?;
+    let during = fleet.cluster().await?;
+    ensure!(during.epoch == 1 && during.primary_host == "host-1", "a full standby disk caused a failover: {during:?}");
+    println!(
+        "standby disk full: writes continued, longest pause {:?}",
+        longest_pause(&writer.acks.lock().map(|a| a.clone()).unwrap_or_default(), at)
+    );
+    std::fs::remove_file(&fill)?;
+    wait_for("the standby to stream again", Duration::from_secs(90), || async {
+        let c = fleet.cluster().await?;
+        Ok(c.members
+            .iter()
+            .any(|m| m.host_id == "host-3" && m.running && m.in_recovery && m.lag_bytes < 16 << 20)
+            .then_some(()))
+    })
+    .await?;
+    let acks = writer.finish().await;
+    verify(&uri, &acks).await
+}

@@ -24,6 +24,8 @@ pub struct AppState {
     /// SHA-256 (hex) of the admin token.
     pub admin_token_hash: Arc<String>,
     pub metrics: Arc<Metrics>,
+    /// What agents last reported (for replication metrics; filled on the leader).
+    pub liveness: Arc<crate::reconcile::liveness::Liveness>,
 }
 
 /// Largest request body accepted.

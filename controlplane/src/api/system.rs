@@ -15,7 +15,7 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = crate::metrics::render(&state.node, &state.metrics).await;
+    let body = crate::metrics::render(&state.node, &state.metrics, &state.liveness).await;
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 

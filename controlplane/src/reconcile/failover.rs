@@ -186,6 +186,7 @@ pub async fn promote_recorded(ctx: &Ctx, cluster_id: &str, old_fenced: bool) -> 
     req.set_timeout(Duration::from_secs(60));
     agent.promote(req).await.map_err(|s| anyhow::anyhow!("promoting {}: {}", cluster.primary_host, s.message()))?;
     tracing::warn!(cluster = %cluster.id, primary = %cluster.primary_host, epoch = cluster.epoch, "promoted");
+    ctx.metrics.failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // Repoint the remaining standbys (failed members rejoin separately, when they come back).
     for m in members.iter().filter(|m| m.role == member_role::STANDBY) {
         let Some(req) = ensure_request(&cluster, &members, &hosts, m, true) else { continue };
