@@ -42,6 +42,9 @@ pub struct Runtime {
     pub was_running: bool,
     /// A peer-lease round is in flight.
     pub peer_refresh: bool,
+    /// Failed restarts in a row, and when the next one may be tried (backoff).
+    pub restart_failures: u32,
+    pub next_restart: Option<Instant>,
     pub status: InstanceStatus,
 }
 

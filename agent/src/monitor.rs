@@ -144,13 +144,35 @@ fn lease_of(rec: &ClusterRecord) -> Duration {
 }
 
 async fn restart(host: &Arc<Host>, id: &str, rec: &ClusterRecord) {
+    let now = Instant::now();
+    let due = host.runtime.lock().await.get(id).and_then(|r| r.next_restart).is_none_or(|t| now >= t);
+    if !due {
+        return;
+    }
     let Ok(_ops) = host.ops.try_lock() else {
         return; // a command is changing instances right now
     };
     tracing::warn!(cluster = %id, role = %rec.role, "PostgreSQL is not running: starting it");
-    if let Err(e) = host.apply_locked(id, rec).await {
-        tracing::error!(cluster = %id, error = %e, "restarting PostgreSQL failed");
+    let result = host.apply_locked(id, rec).await;
+    let mut rt = host.runtime.lock().await;
+    let e = rt.entry(id.to_string()).or_default();
+    match result {
+        Ok(_) => {
+            e.restart_failures = 0;
+            e.next_restart = None;
+        }
+        Err(err) => {
+            e.restart_failures += 1;
+            let wait = restart_backoff(e.restart_failures);
+            e.next_restart = Some(Instant::now() + wait);
+            tracing::error!(cluster = %id, error = %err, retry_in_ms = wait.as_millis() as u64, "restarting PostgreSQL failed");
+        }
     }
+}
+
+/// Wait before the next restart after `failures` failed ones: 0.5 s doubling up to 30 s.
+pub fn restart_backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << failures.saturating_sub(1).min(6))).min(Duration::from_secs(30))
 }
 
 /// Asks every standby's agent to acknowledge this primary; all must agree for the peer lease.
@@ -184,4 +206,16 @@ async fn refresh_peer_lease(host: Arc<Host>, id: String, rec: ClusterRecord) {
         e.lease.peers_acknowledged(sent, lease_of(&rec));
     }
     e.peer_refresh = false;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_backoff_grows_and_caps() {
+        assert_eq!(restart_backoff(1), Duration::from_millis(500));
+        assert_eq!(restart_backoff(2), Duration::from_secs(1));
+        assert_eq!(restart_backoff(20), Duration::from_secs(30));
+    }
 }
