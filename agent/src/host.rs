@@ -40,6 +40,8 @@ pub struct Runtime {
     pub promise: Option<PeerPromise>,
     /// The instance was seen running since the agent started (so "not running" means it died).
     pub was_running: bool,
+    /// When the monitor last finished observing this instance.
+    pub observed_at: Option<Instant>,
     /// A peer-lease round is in flight.
     pub peer_refresh: bool,
     /// Failed restarts in a row, and when the next one may be tried (backoff).
@@ -162,12 +164,14 @@ impl Host {
 
     /// Marks a primary fenced (durably): it stays stopped until a command with a newer epoch.
     pub async fn fence(&self, cluster_id: &str, why: &str) {
+        // Record first: whatever happens next, this member is not to serve again at this epoch.
+        self.mark_fenced(cluster_id, why).await;
         if let Some(inst) = self.instances.lock().await.get(cluster_id).cloned() {
-            if let Err(e) = inst.stop_immediate().await {
-                tracing::error!(cluster = %cluster_id, error = %e, "fencing: stopping PostgreSQL failed");
+            // SIGKILL rather than `pg_ctl stop`: it also works on a hung or stopped postmaster.
+            if let Err(e) = inst.kill_now().await {
+                tracing::error!(cluster = %cluster_id, error = %e, "fencing: killing PostgreSQL failed");
             }
         }
-        self.mark_fenced(cluster_id, why).await;
     }
 
     /// Planned fence (switchover): marks the primary fenced first, so the monitor cannot restart
@@ -334,6 +338,13 @@ impl Host {
             .iter()
             .map(|(id, rec)| {
                 let mut s = rt.get(id).map(|r| r.status.clone()).unwrap_or_default();
+                // An observation that is not recent says nothing about health now (e.g. the
+                // monitor waits on a hung PostgreSQL): report the probe as failing.
+                let stale = rt.get(id).and_then(|r| r.observed_at).is_none_or(|t| t.elapsed() > Duration::from_secs(2));
+                if stale && s.probe_ok {
+                    s.probe_ok = false;
+                    s.error = "no recent observation: PostgreSQL does not answer".into();
+                }
                 s.cluster_id = id.clone();
                 s.epoch = rec.epoch;
                 s.port = u32::from(rec.port);

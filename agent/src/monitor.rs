@@ -16,14 +16,28 @@ use crate::state::ClusterRecord;
 pub const INTERVAL: Duration = Duration::from_millis(200);
 /// A write probe slower than this counts as a failure (a stuck disk).
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Bound on observing one instance (status queries and the probe).
+pub const OBSERVE_TIMEOUT: Duration = Duration::from_millis(2000);
 
 /// Observes every instance and updates the shared runtime status.
 pub async fn observe_all(host: &Host) {
     let records = host.state.lock().await.clusters.clone();
     for (id, rec) in records {
-        let status = observe(host, &id, &rec).await;
+        let status = match tokio::time::timeout(OBSERVE_TIMEOUT, observe(host, &id, &rec)).await {
+            Ok(s) => s,
+            Err(_) => steward_proto::v1::InstanceStatus {
+                cluster_id: id.clone(),
+                epoch: rec.epoch,
+                port: u32::from(rec.port),
+                running: true,
+                role: rec.role.clone(),
+                error: format!("PostgreSQL did not answer within {} ms", OBSERVE_TIMEOUT.as_millis()),
+                ..Default::default()
+            },
+        };
         let mut rt = host.runtime.lock().await;
         let e = rt.entry(id).or_default();
+        e.observed_at = Some(Instant::now());
         let changed = e.status.running != status.running || e.status.probe_ok != status.probe_ok;
         e.status = status;
         drop(rt);
@@ -71,15 +85,29 @@ async fn observe(host: &Host, id: &str, rec: &ClusterRecord) -> steward_proto::v
     s
 }
 
-/// Runs observe + enforce forever.
+/// Runs observation and enforcement forever, as two loops: a hung PostgreSQL can stall an
+/// observation, but never the lease check that fences it.
 pub async fn run(host: Arc<Host>) {
-    let mut tick = tokio::time::interval(INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        observe_all(&host).await;
-        enforce(&host).await;
-    }
+    let observer = {
+        let host = host.clone();
+        async move {
+            let mut tick = tokio::time::interval(INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                observe_all(&host).await;
+            }
+        }
+    };
+    let enforcer = async move {
+        let mut tick = tokio::time::interval(INTERVAL / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            enforce(&host).await;
+        }
+    };
+    tokio::join!(observer, enforcer);
 }
 
 async fn enforce(host: &Arc<Host>) {
@@ -104,7 +132,12 @@ async fn enforce(host: &Arc<Host>) {
             if e.status.running {
                 e.was_running = true;
             }
-            let start_peers = e.status.running && !rec.peer_agents.is_empty() && !e.peer_refresh;
+            // Only a primary that just proved it can commit asks its peers to vouch for it: a hung
+            // one must lose its lease.
+            let healthy = e.status.running
+                && e.status.probe_ok
+                && e.observed_at.is_some_and(|t| t.elapsed() < 2 * INTERVAL + PROBE_TIMEOUT);
+            let start_peers = healthy && !rec.peer_agents.is_empty() && !e.peer_refresh;
             if start_peers {
                 e.peer_refresh = true;
             }

@@ -244,3 +244,28 @@ async fn standby_disk_full() -> Result<()> {
     let acks = writer.finish().await;
     verify(&uri, &acks).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_postgres_hung() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup(1).await?;
+    let old = s.fleet.host_id(s.primary);
+    // Stop every PostgreSQL process on the primary's host but not the agent, like a stuck disk:
+    // the port still accepts connections, but nothing commits.
+    let pg: Vec<i32> = s.fleet.hosts[s.primary]
+        .pids()?
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .collect();
+    ensure!(!pg.is_empty(), "no postgres processes found on {old}");
+    let at = Instant::now();
+    for p in &pg {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGSTOP)?;
+    }
+    let took = await_failover(&s, &old, at).await?;
+    println!("hung primary (write probe failing): failover recorded after {took:?}");
+    for p in &pg {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGCONT);
+    }
+    finish(s, &old, at).await
+}

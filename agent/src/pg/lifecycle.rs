@@ -195,6 +195,18 @@ impl Instance {
         blocking(move || kill_postmaster(&pid_file, &data_dir)).await
     }
 
+    /// Fencing: SIGKILLs every PostgreSQL process of this instance at once (they all run in
+    /// PGDATA). Unlike `pg_ctl stop`, this works on a postmaster that is stopped or hung; the next
+    /// start runs crash recovery, as after an immediate shutdown. Returns how many were killed.
+    pub async fn kill_now(&self) -> Result<usize, PgError> {
+        let data_dir = self.spec.data_dir.clone();
+        let killed = blocking(move || Ok(kill_processes_in(&data_dir))).await?;
+        if killed > 0 {
+            tracing::warn!(data_dir = %self.spec.data_dir.display(), killed, "killed PostgreSQL processes");
+        }
+        Ok(killed)
+    }
+
     /// Polls a superuser connection until it works, the postmaster dies, or the deadline passes.
     async fn wait_ready(&self, log_from: u64) -> Result<(), PgError> {
         let deadline = Instant::now() + START_TIMEOUT;

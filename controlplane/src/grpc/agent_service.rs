@@ -64,7 +64,11 @@ impl AgentFacing {
     /// Leases for the HA primaries this host runs, at the cluster's current epoch.
     async fn grant_leases(&self, host_id: &str, instances: &[steward_proto::v1::InstanceStatus]) -> Vec<LeaseGrant> {
         let mut out = Vec::new();
-        for i in instances.iter().filter(|i| i.running && !i.fenced && !i.in_recovery && i.role == "primary") {
+        // A primary failing its write probe (a stuck disk) gets no lease: it fences itself when the
+        // current one runs out, and the control plane can then promote a standby.
+        for i in
+            instances.iter().filter(|i| i.running && !i.fenced && !i.in_recovery && i.role == "primary" && i.probe_ok)
+        {
             let Ok(Some(c)) = query::cluster(self.node.store.pool(), &i.cluster_id).await else { continue };
             if c.availability != "ha" || c.primary_host != host_id || c.epoch as u64 != i.epoch {
                 continue;
