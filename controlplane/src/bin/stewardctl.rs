@@ -237,22 +237,38 @@ async fn main() -> anyhow::Result<()> {
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
+                let mut rows = Vec::new();
+                for k in &r.clusters {
+                    for (i, m) in k.members.iter().enumerate() {
+                        let first = |v: String| if i == 0 { v } else { String::new() };
+                        rows.push(vec![
+                            first(k.id.clone()),
+                            first(k.availability.clone()),
+                            first(k.state.clone()),
+                            first(k.epoch.to_string()),
+                            first(k.databases.to_string()),
+                            format!("{}:{}", m.host_id, m.port),
+                            if m.fenced { format!("{} (fenced)", m.role) } else { m.role.clone() },
+                            m.running.to_string(),
+                            m.timeline.to_string(),
+                            m.lag_bytes.to_string(),
+                        ]);
+                    }
+                }
                 table(
-                    &["ID", "STATE", "PRIMARY", "PORT", "PG", "EPOCH", "DATABASES"],
-                    r.clusters
-                        .iter()
-                        .map(|k| {
-                            vec![
-                                k.id.clone(),
-                                k.state.clone(),
-                                k.primary_host.clone(),
-                                k.port.to_string(),
-                                k.pg_major.to_string(),
-                                k.epoch.to_string(),
-                                k.databases.to_string(),
-                            ]
-                        })
-                        .collect(),
+                    &[
+                        "CLUSTER",
+                        "AVAILABILITY",
+                        "STATE",
+                        "EPOCH",
+                        "DATABASES",
+                        "MEMBER",
+                        "ROLE",
+                        "RUNNING",
+                        "TIMELINE",
+                        "LAG BYTES",
+                    ],
+                    rows,
                 );
             }
         }
