@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, testing and running Steward needs on Debian 12 (run as root, or with
 # sudo available): PostgreSQL server binaries (14-17; Debian 12 ships 15), iproute2 for the
-# network-namespace tests, and a C compiler for the bundled SQLite. Idempotent: installs only
-# what is missing.
+# network-namespace tests, python3 for the lab test's probes, and a C compiler for the bundled
+# SQLite. Idempotent: installs only what is missing.
 set -euo pipefail
 
 have_pg_server() {
@@ -16,6 +16,8 @@ have_pg_server() {
 missing=()
 have_pg_server || missing+=(postgresql-15 postgresql-client-15)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+# The network-namespace lab test serves and probes HTTP/UDP from inside namespaces with python3.
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || missing+=(make)
 

@@ -40,8 +40,11 @@ pub struct Runtime {
     pub promise: Option<PeerPromise>,
     /// The instance was seen running since the agent started (so "not running" means it died).
     pub was_running: bool,
-    /// When the monitor last finished observing this instance.
+    /// When the monitor's latest observation of this instance began.
     pub observed_at: Option<Instant>,
+    /// When a command last finished applying this instance: observations that began earlier
+    /// are stale about whether it runs.
+    pub applied_at: Option<Instant>,
     /// A peer-lease round is in flight.
     pub peer_refresh: bool,
     /// Failed restarts in a row, and when the next one may be tried (backoff).
@@ -275,7 +278,9 @@ impl Host {
             cloned
         };
         let mut rt = self.runtime.lock().await;
-        rt.entry(cluster_id.to_string()).or_default().was_running = true;
+        let e = rt.entry(cluster_id.to_string()).or_default();
+        e.was_running = true;
+        e.applied_at = Some(Instant::now());
         Ok((inst, created))
     }
 
@@ -340,7 +345,7 @@ impl Host {
                 let mut s = rt.get(id).map(|r| r.status.clone()).unwrap_or_default();
                 // An observation that is not recent says nothing about health now (e.g. the
                 // monitor waits on a hung PostgreSQL): report the probe as failing.
-                let stale = rt.get(id).and_then(|r| r.observed_at).is_none_or(|t| t.elapsed() > Duration::from_secs(2));
+                let stale = rt.get(id).and_then(|r| r.observed_at).is_none_or(|t| t.elapsed() > Duration::from_secs(3));
                 if stale && s.probe_ok {
                     s.probe_ok = false;
                     s.error = "no recent observation: PostgreSQL does not answer".into();

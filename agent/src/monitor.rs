@@ -23,6 +23,7 @@ pub const OBSERVE_TIMEOUT: Duration = Duration::from_millis(2000);
 pub async fn observe_all(host: &Host) {
     let records = host.state.lock().await.clusters.clone();
     for (id, rec) in records {
+        let began = Instant::now();
         let status = match tokio::time::timeout(OBSERVE_TIMEOUT, observe(host, &id, &rec)).await {
             Ok(s) => s,
             Err(_) => steward_proto::v1::InstanceStatus {
@@ -37,7 +38,7 @@ pub async fn observe_all(host: &Host) {
         };
         let mut rt = host.runtime.lock().await;
         let e = rt.entry(id).or_default();
-        e.observed_at = Some(Instant::now());
+        e.observed_at = Some(began);
         let changed = e.status.running != status.running || e.status.probe_ok != status.probe_ok;
         e.status = status;
         drop(rt);
@@ -117,9 +118,11 @@ async fn enforce(host: &Arc<Host>) {
     let busy = host.ops.try_lock().is_err();
     let records = host.state.lock().await.clusters.clone();
     for (id, rec) in records {
-        let (running, lease, start_peers) = {
+        let (running, lease, start_peers, stale) = {
             let mut rt = host.runtime.lock().await;
             let e = rt.entry(id.clone()).or_default();
+            // An observation that began before the last command finished may predate a start.
+            let stale = e.applied_at.is_some_and(|a| e.observed_at.is_none_or(|o| o < a));
             if e.status.running
                 && !e.was_running
                 && e.lease.boot_grace_until.is_none()
@@ -141,8 +144,9 @@ async fn enforce(host: &Arc<Host>) {
             if start_peers {
                 e.peer_refresh = true;
             }
-            (e.status.running, e.lease, start_peers)
+            (e.status.running, e.lease, start_peers, stale)
         };
+        let busy = busy || stale;
         if rec.fenced {
             if running {
                 host.fence(&id, "fenced member found running").await;

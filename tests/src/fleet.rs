@@ -281,8 +281,20 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Writes through `uri` with ids starting at `first_id` (distinct ranges per writer).
+    /// Writes through `uri` with ids starting at `first_id` (distinct ranges per writer), giving
+    /// each INSERT [`Writer::DEFAULT_STATEMENT_TIMEOUT`] before it reconnects.
     pub fn start(uri: String, first_id: i64) -> Self {
+        Self::start_with_timeout(uri, first_id, Self::DEFAULT_STATEMENT_TIMEOUT)
+    }
+
+    /// How long the tests' writers wait for one INSERT: generous, since a loaded CI machine may
+    /// be slow to commit, and a timeout only costs a reconnect.
+    pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// Like [`Writer::start`], abandoning an INSERT (and reconnecting) after `statement_timeout`:
+    /// the client-side timeout decides how soon a writer stuck on a frozen or cut-off primary
+    /// moves on, so a benchmark can model a client that sets one.
+    pub fn start_with_timeout(uri: String, first_id: i64, statement_timeout: Duration) -> Self {
         let acks = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (a, s) = (acks.clone(), stop.clone());
@@ -309,7 +321,7 @@ impl Writer {
                     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
                     let insert =
                         client.execute("INSERT INTO acks (id, server) VALUES ($1, host(inet_server_addr()))", &params);
-                    match tokio::time::timeout(Duration::from_secs(3), insert).await {
+                    match tokio::time::timeout(statement_timeout, insert).await {
                         Ok(Ok(_)) => {
                             a.lock().unwrap_or_else(|e| e.into_inner()).push(Ack { id, at: Instant::now(), member })
                         }

@@ -172,7 +172,12 @@ impl Instance {
             // The postmaster is gone (e.g. SIGKILLed), but its backends may live on and keep
             // running their sessions' transactions: kill whatever still works in PGDATA.
             let data_dir = self.spec.data_dir.clone();
-            let killed = blocking(move || Ok(kill_processes_in(&data_dir))).await?;
+            let killed = blocking(move || {
+                let killed = kill_processes_in(&data_dir);
+                remove_stale_pid_file(&data_dir);
+                Ok(killed)
+            })
+            .await?;
             if killed > 0 {
                 tracing::warn!(data_dir = %self.spec.data_dir.display(), killed, "killed orphaned PostgreSQL processes");
             }
@@ -200,7 +205,12 @@ impl Instance {
     /// start runs crash recovery, as after an immediate shutdown. Returns how many were killed.
     pub async fn kill_now(&self) -> Result<usize, PgError> {
         let data_dir = self.spec.data_dir.clone();
-        let killed = blocking(move || Ok(kill_processes_in(&data_dir))).await?;
+        let killed = blocking(move || {
+            let killed = kill_processes_in(&data_dir);
+            remove_stale_pid_file(&data_dir);
+            Ok(killed)
+        })
+        .await?;
         if killed > 0 {
             tracing::warn!(data_dir = %self.spec.data_dir.display(), killed, "killed PostgreSQL processes");
         }
@@ -296,6 +306,28 @@ fn kill_processes_in(data_dir: &std::path::Path) -> usize {
         }
     }
     killed
+}
+
+/// Removes `postmaster.pid` once no live process holds it. A SIGKILLed postmaster may stay a
+/// zombie until something reaps it, and PostgreSQL (and pg_rewind) refuse to start while the pid
+/// in the lock file answers `kill(pid, 0)`; a zombie holds no resources, so the file is stale.
+/// Waits up to 2 s for the killed processes to exit first.
+fn remove_stale_pid_file(data_dir: &std::path::Path) {
+    let pid_file = data_dir.join("postmaster.pid");
+    let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| parse_pid_file(&t)).map(|p| p.pid) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while process_alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !process_alive(pid) {
+        match std::fs::remove_file(&pid_file) {
+            Ok(()) => tracing::info!(pid, path = %pid_file.display(), "removed the lock file of a dead postmaster"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(pid, error = %e, "could not remove a stale postmaster.pid"),
+        }
+    }
 }
 
 /// True if `pid` exists and is not a zombie.

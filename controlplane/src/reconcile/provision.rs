@@ -142,7 +142,22 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepErr
     if cluster.state == cluster_state::CREATING {
         step(ctx, op, attempts, "ensure_primary").await?;
         let ha = cluster.availability == "ha";
-        ensure(ctx, &hosts, request(primary, false)?, &primary.host_id, slow).await?;
+        if let Err(e) = ensure(ctx, &hosts, request(primary, false)?, &primary.host_id, slow).await {
+            if e.to_string().contains("is fenced on this host") {
+                // The new primary lost its lease while the cluster was still being built (e.g. a
+                // very slow initdb): nothing was promised to clients yet, so re-arm it at a new
+                // epoch, which lifts the fence, and try again.
+                let cmd = Command::Failover {
+                    cluster_id: cluster.id.clone(),
+                    from_epoch: cluster.epoch,
+                    new_primary: primary.host_id.clone(),
+                    reason: "primary fenced during creation".into(),
+                    at: crate::now(),
+                };
+                ctx.node.write(cmd).await.map_err(|e| StepError::Retry(e.to_string()))?;
+            }
+            return Err(e);
+        }
         if ha {
             step(ctx, op, attempts, "clone_standbys").await?;
             for m in members.iter().filter(|m| m.role == member_role::STANDBY) {
