@@ -59,6 +59,11 @@ pub struct AgentArgs {
     /// PostgreSQL major version to run (default: the newest installed).
     #[arg(long, env = "STEWARD_PG_MAJOR")]
     pub pg_major: Option<u32>,
+    /// Backup repository every instance on this host archives its WAL into: an absolute
+    /// directory, on shared storage (NFS) in production so any host can restore from it.
+    /// Created (owned by the PostgreSQL user) if missing. Unset: WAL is not archived.
+    #[arg(long, env = "STEWARD_REPO")]
+    pub repo: Option<PathBuf>,
     /// Stop PostgreSQL when the agent exits (development only: in production PostgreSQL keeps
     /// serving across agent restarts).
     #[arg(long)]
@@ -81,6 +86,11 @@ pub struct AgentConfig {
     pub memory_budget_bytes: Option<u64>,
     pub pg_major: Option<u32>,
     pub stop_postgres_on_exit: bool,
+    /// Backup repository for WAL archiving, if any.
+    pub repo: Option<PathBuf>,
+    /// The steward-agent executable PostgreSQL runs as archive_command (default: this
+    /// executable; set when agents run inside another program, as in `steward-controlplane dev`).
+    pub archive_exe: Option<PathBuf>,
 }
 
 fn load_file(path: &Path) -> Result<AgentArgs, ConfigError> {
@@ -117,6 +127,13 @@ impl AgentArgs {
             ));
         }
         let pg_host = self.pg_host.or(file.pg_host).unwrap_or_else(|| host_part(&advertise));
+        let repo = self.repo.or(file.repo);
+        if let Some(r) = repo.as_ref().filter(|r| !r.is_absolute()) {
+            return Err(ConfigError::Invalid(format!(
+                "repo {} is relative: PostgreSQL runs archive_command in PGDATA, so pass an absolute path",
+                r.display()
+            )));
+        }
         Ok(AgentConfig {
             control_plane,
             listen,
@@ -130,6 +147,8 @@ impl AgentArgs {
             memory_budget_bytes: self.memory_budget_mb.or(file.memory_budget_mb).map(|mb| mb << 20),
             pg_major: self.pg_major.or(file.pg_major),
             stop_postgres_on_exit: self.stop_postgres_on_exit || file.stop_postgres_on_exit,
+            repo,
+            archive_exe: None,
         })
     }
 }
@@ -151,5 +170,13 @@ mod tests {
         let c = a.resolve().unwrap();
         assert_eq!(c.pg_host, "127.0.0.1");
         assert_eq!(c.pg_port, 5432);
+        assert_eq!(c.repo, None);
+        let a = AgentArgs {
+            control_plane: vec!["127.0.0.1:7400".into()],
+            listen: Some("127.0.0.1:7411".parse().unwrap()),
+            repo: Some("relative/repo".into()),
+            ..Default::default()
+        };
+        assert!(a.resolve().unwrap_err().to_string().contains("absolute"));
     }
 }

@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 
 use crate::config::AgentConfig;
 use crate::host::Host;
-use crate::pg::{PgError, RunAs};
+use crate::pg::{PgError, RunAs, WalArchiving};
 use crate::service::AgentService;
 use crate::state::AgentState;
 
@@ -23,6 +23,13 @@ pub enum DaemonError {
     State(#[from] crate::state::StateError),
     #[error(transparent)]
     Pg(#[from] PgError),
+    #[error(
+        "backup repository {}: {source}; create it writable by the PostgreSQL user, or mount the shared storage there",
+        path.display()
+    )]
+    Repo { path: std::path::PathBuf, source: std::io::Error },
+    #[error("finding this executable for archive_command: {0}")]
+    Exe(std::io::Error),
     #[error("binding the agent's command service on {addr}: {source} (is another agent running?)")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -33,6 +40,27 @@ pub struct RunningAgent {
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+}
+
+/// Creates the repository directory if missing (owned by the PostgreSQL user, which runs
+/// archive_command) and checks that user can reach it; returns the archiving settings.
+fn prepare_repo(
+    repo: &std::path::Path,
+    exe: Option<&std::path::Path>,
+    run_as: &RunAs,
+) -> Result<WalArchiving, DaemonError> {
+    let err = |source| DaemonError::Repo { path: repo.to_path_buf(), source };
+    if !repo.exists() {
+        std::fs::create_dir_all(repo).map_err(err)?;
+        run_as.chown(repo)?;
+        tracing::info!(repo = %repo.display(), "created the backup repository");
+    }
+    crate::pg::paths::check_traversable(run_as, repo)?;
+    let agent_exe = match exe {
+        Some(e) => e.to_path_buf(),
+        None => std::env::current_exe().map_err(DaemonError::Exe)?,
+    };
+    Ok(WalArchiving { agent_exe, repo: repo.to_path_buf() })
 }
 
 /// Starts the agent and returns once its command service listens.
@@ -56,7 +84,11 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
             0
         }
     };
-    let host = Arc::new(Host::new(cfg, run_as, pg_major, state));
+    let archiving = match &cfg.repo {
+        Some(repo) => Some(prepare_repo(repo, cfg.archive_exe.as_deref(), &run_as)?),
+        None => None,
+    };
+    let host = Arc::new(Host::new(cfg, run_as, archiving, pg_major, state));
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 

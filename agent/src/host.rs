@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::config::AgentConfig;
 use crate::lease::{PeerPromise, PrimaryLease};
-use crate::pg::{Instance, InstanceSpec, PgBinaries, PgError, Role, RunAs, Upstream};
+use crate::pg::{Instance, InstanceSpec, PgBinaries, PgError, Role, RunAs, Upstream, WalArchiving};
 use crate::state::{epoch_allowed, AgentState, ClusterRecord, StateError};
 
 /// Why a command was refused before it touched PostgreSQL.
@@ -57,6 +57,8 @@ pub struct Runtime {
 pub struct Host {
     pub cfg: AgentConfig,
     pub run_as: RunAs,
+    /// WAL archiving every instance of this host gets (from `--repo`), if any.
+    pub archiving: Option<WalArchiving>,
     /// Major version of the PostgreSQL binaries found at start (0 if none were found).
     pub pg_major: u32,
     pub state: Mutex<AgentState>,
@@ -77,10 +79,17 @@ pub fn slot_for(member: &str) -> String {
 }
 
 impl Host {
-    pub fn new(cfg: AgentConfig, run_as: RunAs, pg_major: u32, state: AgentState) -> Self {
+    pub fn new(
+        cfg: AgentConfig,
+        run_as: RunAs,
+        archiving: Option<WalArchiving>,
+        pg_major: u32,
+        state: AgentState,
+    ) -> Self {
         Self {
             cfg,
             run_as,
+            archiving,
             pg_major,
             state: Mutex::new(state),
             instances: Mutex::new(HashMap::new()),
@@ -113,6 +122,7 @@ impl Host {
             listen_addresses: self.cfg.pg_listen.clone(),
             memory_budget_bytes: self.memory_budget(),
             cores,
+            archive: self.archiving.clone(),
         };
         Ok(Instance::new(spec, bins, self.run_as.clone()))
     }

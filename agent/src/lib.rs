@@ -4,6 +4,7 @@
 // gRPC handlers return tonic::Status, the protocol's own error type; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
 
+pub mod backup;
 pub mod facts;
 pub mod pg;
 

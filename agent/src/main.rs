@@ -1,7 +1,11 @@
-//! `steward-agent`: the per-host daemon that runs PostgreSQL for the control plane.
+//! `steward-agent`: the per-host daemon that runs PostgreSQL for the control plane, and the
+//! `archive-push` / `archive-get` commands PostgreSQL runs to archive and restore WAL.
+
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use steward_agent::backup::cli::{ArchiveGetArgs, ArchivePushArgs};
 use steward_agent::config::AgentArgs;
 
 /// Steward host agent: runs PostgreSQL on this host and carries out the control plane's commands.
@@ -18,24 +22,72 @@ enum Cmd {
     ///
     /// Example: steward-agent run --control-plane 10.0.0.1:7400 --advertise 10.0.0.7:7410 --data-path /var/lib/steward/agent
     Run(AgentArgs),
+    /// Archive one WAL file into the repository (PostgreSQL's archive_command; exits 0 only
+    /// once the file is durable there).
+    ///
+    /// Example: archive_command = 'steward-agent archive-push --repo /srv/steward-repo --stanza ha-1 %p'
+    ArchivePush(ArchivePushArgs),
+    /// Restore one archived WAL file (PostgreSQL's restore_command). Exits 1 if it was never
+    /// archived, 2 if the repository cannot be read, 126 if the archived copy is corrupt
+    /// (PostgreSQL then stops recovery instead of ending it early).
+    ///
+    /// Example: restore_command = 'steward-agent archive-get --repo /srv/steward-repo --stanza ha-1 %f %p'
+    ArchiveGet(ArchiveGetArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn,h2=warn,tower=warn".into()),
-        )
-        .init();
-    match Cli::parse().command {
-        Cmd::Run(args) => {
-            let cfg = args.resolve().context("invalid agent configuration")?;
-            let agent = steward_agent::daemon::start(cfg).await.context("starting the agent")?;
-            steward_agent::daemon::shutdown_signal().await;
-            tracing::info!("shutting down");
-            agent.shutdown().await;
-            Ok(())
+/// Logs go to stdout for the daemon; to stderr for the commands PostgreSQL runs, which it
+/// copies into its own log. Colour only on a terminal.
+fn init_logging(default_filter: &str, to_stderr: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if to_stderr {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).init();
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())).init();
+    }
+}
+
+fn runtime(multi_thread: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    if multi_thread {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    }
+}
+
+async fn run_daemon(args: AgentArgs) -> anyhow::Result<()> {
+    let cfg = args.resolve().context("invalid agent configuration")?;
+    let agent = steward_agent::daemon::start(cfg).await.context("starting the agent")?;
+    steward_agent::daemon::shutdown_signal().await;
+    tracing::info!("shutting down");
+    agent.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let daemon = matches!(cli.command, Cmd::Run(_));
+    if daemon {
+        init_logging("info,sqlx=warn,h2=warn,tower=warn", false);
+    } else {
+        init_logging("warn", true);
+    }
+    let rt = match runtime(daemon) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("steward-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
         }
+    };
+    match cli.command {
+        Cmd::Run(args) => match rt.block_on(run_daemon(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::ArchivePush(args) => rt.block_on(steward_agent::backup::cli::push(args)),
+        Cmd::ArchiveGet(args) => rt.block_on(steward_agent::backup::cli::get(args)),
     }
 }

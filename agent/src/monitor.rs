@@ -114,9 +114,11 @@ pub async fn run(host: Arc<Host>) {
 async fn enforce(host: &Arc<Host>) {
     let now = Instant::now();
     // While a command changes instances (initdb, clone, start, promote), "not running" is
-    // expected: only lease expiry is acted on then.
-    let busy = host.ops.try_lock().is_err();
+    // expected: only lease expiry is acted on then. Records first, then the lock: a command
+    // admits its record while holding the lock, so a record seen here was either admitted by
+    // a command still busy now, or by one that finished (and then `stale` below applies).
     let records = host.state.lock().await.clusters.clone();
+    let busy = host.ops.try_lock().is_err();
     for (id, rec) in records {
         let (running, lease, start_peers, stale) = {
             let mut rt = host.runtime.lock().await;

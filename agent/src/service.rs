@@ -89,10 +89,15 @@ impl Agent for AgentService {
                 )));
             }
         }
+        // Hold the instance lock from admitting the record until the instance runs: the monitor
+        // must never see a new primary's record as "not running and nobody working on it" and
+        // fence it before its initdb even started.
+        let ops = self.host.ops.lock().await;
         let rec = self.host.admit(&r.cluster_id, r.epoch, Some(wanted)).await.map_err(refusal)?;
         tracing::info!(cluster = %r.cluster_id, epoch = r.epoch, port, role = %rec.role, "ensure instance");
         let (inst, initialized) =
-            self.host.apply(&r.cluster_id, &rec).await.map_err(|e| Status::internal(e.to_string()))?;
+            self.host.apply_locked(&r.cluster_id, &rec).await.map_err(|e| Status::internal(e.to_string()))?;
+        drop(ops);
         if rec.is_primary() && rec.lease_ms > 0 {
             // The control plane just asked for this primary: count that as a grant.
             let mut rt = self.host.runtime.lock().await;

@@ -63,6 +63,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         host_down_after: Duration::from_secs(5),
     };
     let node = crate::server::start(cfg).await?;
+    // The agents run in this process, but PostgreSQL's archive_command needs the steward-agent
+    // executable: `make dev` builds it next to this one.
+    let archive_exe = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("steward-agent")));
+    let archive_exe = archive_exe.filter(|e| e.is_file());
+    let repo = data_dir.join("repo");
+    match &archive_exe {
+        Some(exe) => println!("WAL archive:   {} (archive_command runs {})", repo.display(), exe.display()),
+        None => println!("WAL archive:   off (build steward-agent next to this binary to archive WAL)"),
+    }
     let mut agents = Vec::new();
     for i in 0..args.agents {
         let listen: SocketAddr = ([127, 0, 0, 1], args.agent_port + i).into();
@@ -79,6 +88,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             memory_budget_bytes: Some(args.memory_mb << 20),
             pg_major: None,
             stop_postgres_on_exit: true,
+            repo: archive_exe.as_ref().map(|_| repo.clone()),
+            archive_exe: archive_exe.clone(),
         };
         let agent = steward_agent::daemon::start(acfg).await.with_context(|| format!("starting agent {}", i + 1))?;
         agents.push(agent);

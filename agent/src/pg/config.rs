@@ -63,6 +63,39 @@ pub fn render_steward_conf(listen: &Listen<'_>, tuning: &Tuning) -> String {
     s
 }
 
+/// How often an idle primary switches to a new WAL segment so its last writes reach the
+/// archive: the bound on how much an archive-only restore can miss.
+pub const ARCHIVE_TIMEOUT: &str = "60s";
+
+/// The WAL-archiving part of `steward.conf`: `archive-push` / `archive-get` of this agent,
+/// with the cluster id as stanza. Standbys keep `archive_mode = on` (they archive nothing
+/// until promoted), so a promotion needs no restart.
+pub fn render_archiving_conf(a: &super::WalArchiving, stanza: &str) -> String {
+    // PostgreSQL expands %-escapes in the whole command: a literal % must be doubled.
+    let exe = sh_quote(&a.agent_exe.to_string_lossy()).replace('%', "%%");
+    let repo = sh_quote(&a.repo.to_string_lossy()).replace('%', "%%");
+    let stanza = sh_quote(stanza);
+    let mut s = String::from("\n# WAL archiving into the backup repository\n");
+    s.push_str("archive_mode = on\n");
+    let push = format!("{exe} archive-push --repo {repo} --stanza {stanza} %p");
+    s.push_str(&format!("archive_command = {}\n", conf_quote(&push)));
+    s.push_str(&format!("archive_timeout = {}\n", conf_quote(ARCHIVE_TIMEOUT)));
+    let get = format!("{exe} archive-get --repo {repo} --stanza {stanza} %f %p");
+    s.push_str(&format!("restore_command = {}\n", conf_quote(&get)));
+    s
+}
+
+/// Quotes a word for `/bin/sh` (PostgreSQL runs archive_command through it): bare when it
+/// is plainly safe, otherwise in single quotes.
+pub fn sh_quote(word: &str) -> String {
+    let plain = !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+:,=@".contains(&b));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
 /// The replication part of `steward.conf` for `role`; appended after the tuning
 /// so it wins over anything above. `application_name` is this member's name (the
 /// primary lists it in `synchronous_standby_names`); `passfile` is where
@@ -187,6 +220,23 @@ fn cluster_name(id: &str) -> String {
 mod tests {
     use super::*;
     use crate::pg::tuning::tuning_for;
+
+    #[test]
+    fn archiving_conf_golden_and_quoting() {
+        let a = crate::pg::WalArchiving { agent_exe: "/usr/bin/steward-agent".into(), repo: "/srv/it's 100%".into() };
+        let expected = r#"
+# WAL archiving into the backup repository
+archive_mode = on
+archive_command = '/usr/bin/steward-agent archive-push --repo ''/srv/it''\\''''s 100%%'' --stanza ha-1 %p'
+archive_timeout = '60s'
+restore_command = '/usr/bin/steward-agent archive-get --repo ''/srv/it''\\''''s 100%%'' --stanza ha-1 %f %p'
+"#;
+        assert_eq!(render_archiving_conf(&a, "ha-1"), expected);
+        assert_eq!(sh_quote("/plain/path-1.2"), "/plain/path-1.2");
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), r#"'it'\''s'"#);
+        assert_eq!(sh_quote(""), "''");
+    }
 
     #[test]
     fn steward_conf_has_connection_and_tuning() {

@@ -32,6 +32,18 @@ pub struct InstanceSpec {
     pub memory_budget_bytes: u64,
     /// Cores this instance may use; drives parallelism settings.
     pub cores: u32,
+    /// Where its WAL is archived, if anywhere.
+    pub archive: Option<WalArchiving>,
+}
+
+/// WAL archiving of an instance into a backup repository, under its cluster id as stanza:
+/// `archive_command` and `restore_command` run this agent's `archive-push` / `archive-get`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalArchiving {
+    /// The steward-agent executable PostgreSQL runs (absolute).
+    pub agent_exe: PathBuf,
+    /// The repository directory (absolute).
+    pub repo: PathBuf,
 }
 
 /// One PostgreSQL instance on this host, driven through initdb/pg_ctl and a superuser
@@ -215,6 +227,9 @@ impl Instance {
             };
             let tuning = tuning_for(spec.memory_budget_bytes, spec.cores);
             let mut conf = config::render_steward_conf(&listen, &tuning);
+            if let Some(a) = &spec.archive {
+                conf.push_str(&config::render_archiving_conf(a, &spec.cluster_id));
+            }
             // render (and so validate) everything before writing anything
             let mut passfile_text = None;
             if let Some(rc) = &role {
@@ -327,6 +342,7 @@ mod tests {
             listen_addresses: "127.0.0.1".into(),
             memory_budget_bytes: 256 << 20,
             cores: 2,
+            archive: None,
         };
         let _guard = StopGuard { pg_ctl: bins.bin("pg_ctl"), data_dir: spec.data_dir.clone(), run_as: run_as.clone() };
         let inst = Instance::new(spec.clone(), bins, run_as);

@@ -171,13 +171,7 @@ impl Instance {
         if !self.is_running().await {
             // The postmaster is gone (e.g. SIGKILLed), but its backends may live on and keep
             // running their sessions' transactions: kill whatever still works in PGDATA.
-            let data_dir = self.spec.data_dir.clone();
-            let killed = blocking(move || {
-                let killed = kill_processes_in(&data_dir);
-                remove_stale_pid_file(&data_dir);
-                Ok(killed)
-            })
-            .await?;
+            let killed = self.kill_all_in_data_dir().await?;
             if killed > 0 {
                 tracing::warn!(data_dir = %self.spec.data_dir.display(), killed, "killed orphaned PostgreSQL processes");
             }
@@ -204,17 +198,23 @@ impl Instance {
     /// PGDATA). Unlike `pg_ctl stop`, this works on a postmaster that is stopped or hung; the next
     /// start runs crash recovery, as after an immediate shutdown. Returns how many were killed.
     pub async fn kill_now(&self) -> Result<usize, PgError> {
-        let data_dir = self.spec.data_dir.clone();
-        let killed = blocking(move || {
-            let killed = kill_processes_in(&data_dir);
-            remove_stale_pid_file(&data_dir);
-            Ok(killed)
-        })
-        .await?;
+        let killed = self.kill_all_in_data_dir().await?;
         if killed > 0 {
             tracing::warn!(data_dir = %self.spec.data_dir.display(), killed, "killed PostgreSQL processes");
         }
         Ok(killed)
+    }
+
+    /// SIGKILLs every process working in PGDATA and removes the dead postmaster's lock file, so
+    /// a start or pg_rewind can follow at once. Returns how many processes were killed.
+    async fn kill_all_in_data_dir(&self) -> Result<usize, PgError> {
+        let data_dir = self.spec.data_dir.clone();
+        blocking(move || {
+            let killed = kill_processes_in(&data_dir);
+            remove_stale_pid_file(&data_dir);
+            Ok(killed)
+        })
+        .await
     }
 
     /// Polls a superuser connection until it works, the postmaster dies, or the deadline passes.

@@ -22,7 +22,7 @@ pub mod tuning;
 
 pub use binaries::PgBinaries;
 pub use error::PgError;
-pub use instance::{Instance, InstanceSpec};
+pub use instance::{Instance, InstanceSpec, WalArchiving};
 pub use replication::{format_lsn, parse_lsn, ReplicationStatus, Role, StandbyState, Upstream, REPLICATION_ROLE};
 pub use runas::RunAs;
 pub use sql::scram_verifier;

@@ -52,6 +52,7 @@ pub fn spec_in(dir: &Path, cluster_id: &str) -> InstanceSpec {
         listen_addresses: "127.0.0.1".into(),
         memory_budget_bytes: 256 << 20,
         cores: 2,
+        archive: None,
     }
 }
 

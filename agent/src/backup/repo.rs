@@ -1,0 +1,298 @@
+//! The backup repository: a flat key → bytes store with durable, atomic writes, so WAL
+//! archiving and backups do not care where the bytes live. Keys are `/`-separated relative
+//! paths of plain names. The POSIX backend (a local or NFS directory) is the default;
+//! other backends add a variant here.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::BackupError;
+
+/// Version of the repository layout (docs/backup-format.md); kept in [`FORMAT_KEY`].
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The file at the repository's root that names its layout version.
+pub const FORMAT_KEY: &str = "steward-repo.json";
+
+/// Where archived WAL and backups are kept.
+#[derive(Debug, Clone)]
+pub enum Repository {
+    /// A directory on a local or network filesystem.
+    Posix(PosixRepo),
+}
+
+/// Runs blocking filesystem work off the async runtime.
+async fn blocking<T, F>(f: F) -> Result<T, BackupError>
+where
+    F: FnOnce() -> Result<T, BackupError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| BackupError::Task(e.to_string()))?
+}
+
+/// Checks that `key` is a relative path of plain names (letters, digits, `.`, `-`, `_`), so no
+/// key can reach outside the repository.
+pub fn check_key(key: &str) -> Result<(), BackupError> {
+    let bad = |why| BackupError::BadKey { key: key.to_string(), why };
+    if key.is_empty() {
+        return Err(bad("empty"));
+    }
+    for part in key.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(bad("empty, '.' or '..' path component"));
+        }
+        if !part.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            return Err(bad("only letters, digits, '.', '-' and '_' are allowed in a component"));
+        }
+        if part.starts_with('.') {
+            return Err(bad("components starting with '.' are reserved for temporary files"));
+        }
+    }
+    Ok(())
+}
+
+impl Repository {
+    /// Opens the repository at `location`: an absolute directory path that exists.
+    pub fn open(location: &str) -> Result<Self, BackupError> {
+        let bad = |why: &str| BackupError::Repository { location: location.to_string(), why: why.to_string() };
+        if location.contains("://") {
+            return Err(bad("only directory repositories (an absolute path) are supported by this version"));
+        }
+        let root = PathBuf::from(location);
+        if !root.is_absolute() {
+            return Err(bad("must be an absolute path"));
+        }
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => Ok(Repository::Posix(PosixRepo { root })),
+            Ok(_) => Err(bad("exists but is not a directory")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad(
+                "does not exist: create it (writable by the user PostgreSQL runs as) or mount the shared storage there",
+            )),
+            Err(e) => Err(BackupError::io("stat", root, e)),
+        }
+    }
+
+    /// Human-readable location, for messages.
+    pub fn location(&self) -> String {
+        match self {
+            Repository::Posix(p) => p.root.display().to_string(),
+        }
+    }
+
+    /// Stores `data` under `key`, replacing what was there, atomically and durably: once this
+    /// returns, the object survives a crash of this host, and a reader never sees half of it.
+    pub async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), BackupError> {
+        check_key(key)?;
+        match self {
+            Repository::Posix(p) => {
+                let p = p.clone();
+                let key = key.to_string();
+                blocking(move || p.put(&key, &data)).await
+            }
+        }
+    }
+
+    /// The object under `key`, or None if there is none.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackupError> {
+        check_key(key)?;
+        match self {
+            Repository::Posix(p) => {
+                let path = p.path(key);
+                blocking(move || match fs::read(&path) {
+                    Ok(d) => Ok(Some(d)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(BackupError::io("read", path, e)),
+                })
+                .await
+            }
+        }
+    }
+
+    /// Names of the objects directly under `dir` ("" for the top), sorted; empty if there is
+    /// no such directory. Temporary files of writes in progress are not listed.
+    pub async fn list(&self, dir: &str) -> Result<Vec<String>, BackupError> {
+        if !dir.is_empty() {
+            check_key(dir)?;
+        }
+        match self {
+            Repository::Posix(p) => {
+                let path = if dir.is_empty() { p.root.clone() } else { p.path(dir) };
+                blocking(move || {
+                    let entries = match fs::read_dir(&path) {
+                        Ok(e) => e,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                        Err(e) => return Err(BackupError::io("list", path, e)),
+                    };
+                    let mut names = Vec::new();
+                    for e in entries {
+                        let e = e.map_err(|e| BackupError::io("list", &path, e))?;
+                        if let Some(n) = e.file_name().to_str().filter(|n| !n.starts_with('.')) {
+                            names.push(n.to_string());
+                        }
+                    }
+                    names.sort();
+                    Ok(names)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Removes the object under `key`; false if there was none.
+    pub async fn delete(&self, key: &str) -> Result<bool, BackupError> {
+        check_key(key)?;
+        match self {
+            Repository::Posix(p) => {
+                let path = p.path(key);
+                blocking(move || match fs::remove_file(&path) {
+                    Ok(()) => {
+                        sync_parent(&path)?;
+                        Ok(true)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(BackupError::io("remove", path, e)),
+                })
+                .await
+            }
+        }
+    }
+
+    /// Makes sure the repository carries the layout version this code writes: writes
+    /// [`FORMAT_KEY`] into an empty repository, refuses one of another version.
+    pub async fn ensure_format(&self) -> Result<(), BackupError> {
+        let want = serde_json::json!({ "format": FORMAT_VERSION });
+        match self.get(FORMAT_KEY).await? {
+            None => self.put(FORMAT_KEY, format!("{want}\n").into_bytes()).await,
+            Some(bytes) => {
+                let found: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| BackupError::BadInfo { key: FORMAT_KEY.into(), why: format!("not JSON ({e})") })?;
+                if found["format"] == want["format"] {
+                    Ok(())
+                } else {
+                    Err(BackupError::Repository {
+                        location: self.location(),
+                        why: format!(
+                            "layout version {} is not {FORMAT_VERSION}, the one this steward-agent understands: \
+                             use the steward-agent release that wrote it",
+                            found["format"]
+                        ),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// A repository in a directory.
+#[derive(Debug, Clone)]
+pub struct PosixRepo {
+    root: PathBuf,
+}
+
+impl PosixRepo {
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Write to a temporary file, fsync, rename into place, fsync the directory; directories
+    /// created on the way are fsynced into their parents too.
+    fn put(&self, key: &str, data: &[u8]) -> Result<(), BackupError> {
+        let path = self.path(key);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        self.create_dirs(&dir)?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let tmp = dir.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
+        let written = (|| {
+            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(BackupError::io("write", &tmp, e));
+        }
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(BackupError::io("rename into place", &path, e));
+        }
+        sync_dir(&dir)
+    }
+
+    /// Creates `dir` and any missing parents below the root, each made durable in its parent.
+    fn create_dirs(&self, dir: &Path) -> Result<(), BackupError> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let rel = dir.strip_prefix(&self.root).unwrap_or(dir);
+        let mut cur = self.root.clone();
+        for part in rel.components() {
+            let parent = cur.clone();
+            cur.push(part);
+            match fs::DirBuilder::new().mode(0o750).create(&cur) {
+                Ok(()) => sync_dir(&parent)?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(BackupError::io("create directory", &cur, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BackupError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| BackupError::io("fsync", dir, e))
+}
+
+fn sync_parent(path: &Path) -> Result<(), BackupError> {
+    match path.parent() {
+        Some(p) => sync_dir(p),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_stay_inside() {
+        for ok in ["a", "archive/x-1/00000001.history-ab.zst", "steward-repo.json"] {
+            check_key(ok).unwrap();
+        }
+        for bad in ["", "/abs", "a//b", "../x", "a/../b", "a/./b", "a b", "a/.tmp", "a\\b", "a/"] {
+            assert!(check_key(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn posix_put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Repository::open("relative/path").is_err());
+        assert!(Repository::open("s3://bucket/prefix").is_err());
+        assert!(Repository::open(&dir.path().join("missing").display().to_string()).is_err());
+        let repo = Repository::open(&dir.path().display().to_string()).unwrap();
+        assert_eq!(repo.get("a/b/c").await.unwrap(), None);
+        assert!(repo.list("a/b").await.unwrap().is_empty());
+        repo.put("a/b/c", b"one".to_vec()).await.unwrap();
+        repo.put("a/b/c", b"two".to_vec()).await.unwrap();
+        repo.put("a/b/d", vec![]).await.unwrap();
+        assert_eq!(repo.get("a/b/c").await.unwrap().as_deref(), Some(&b"two"[..]));
+        assert_eq!(repo.list("a/b").await.unwrap(), vec!["c", "d"]);
+        assert_eq!(repo.list("").await.unwrap(), vec!["a"]);
+        assert!(repo.delete("a/b/c").await.unwrap());
+        assert!(!repo.delete("a/b/c").await.unwrap());
+        assert!(repo.put("../escape", vec![]).await.is_err());
+        // no temporary files are left behind
+        let left: Vec<_> = fs::read_dir(dir.path().join("a/b")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("d")]);
+
+        repo.ensure_format().await.unwrap();
+        repo.ensure_format().await.unwrap();
+        repo.put(FORMAT_KEY, b"{\"format\": 99}".to_vec()).await.unwrap();
+        let e = repo.ensure_format().await.unwrap_err().to_string();
+        assert!(e.contains("layout version 99"), "{e}");
+    }
+}
