@@ -76,6 +76,26 @@ pub enum BackupError {
         source: std::io::Error,
     },
 
+    /// PostgreSQL refused or failed a call the backup needs.
+    #[error("{action}: {source}")]
+    Sql {
+        action: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// Managing the instance failed (connecting, for example).
+    #[error(transparent)]
+    Pg(#[from] crate::pg::PgError),
+
+    /// A backup cannot be taken or restored as asked.
+    #[error("{0}")]
+    Refused(String),
+
+    /// A backup's manifest cannot be used.
+    #[error("backup {label}: {why}")]
+    BadManifest { label: String, why: String },
+
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),

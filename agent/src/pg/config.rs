@@ -124,6 +124,16 @@ pub fn render_replication_conf(role: &Role, application_name: &str, passfile: &P
     Ok(s)
 }
 
+/// Appended to a standby's settings just before it is promoted: later lines win, so the
+/// server enforces synchronous replication from its very first commit as a primary instead of
+/// only after the configuration is rewritten for its new role. Ignored while in recovery.
+pub fn render_promotion_sync(synchronous_standby_names: &str) -> String {
+    format!(
+        "\n# being promoted: synchronous standbys from the first commit\nsynchronous_standby_names = {}\n",
+        conf_quote(synchronous_standby_names)
+    )
+}
+
 /// libpq connection string a standby streams with: the password comes from
 /// `passfile`, so it never appears in `steward.conf` or `pg_stat_wal_receiver`.
 pub fn standby_conninfo(upstream: &Upstream, application_name: &str, passfile: &Path) -> String {

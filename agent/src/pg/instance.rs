@@ -59,6 +59,9 @@ pub struct Instance {
     pub(super) replication: Mutex<Option<RoleConfig>>,
     /// Whether `write_probe` has made sure its table exists.
     pub(super) probe_table_ready: AtomicBool,
+    /// While a standby is being promoted: the `synchronous_standby_names` it must enforce from
+    /// its first commit as a primary (written into its standby configuration beforehand).
+    pub(super) promotion_sync_names: Mutex<Option<String>>,
 }
 
 /// Entries initdb (or a server) creates in PGDATA; a directory holding only
@@ -94,6 +97,7 @@ impl Instance {
             config_changed: AtomicBool::new(false),
             replication: Mutex::new(None),
             probe_table_ready: AtomicBool::new(false),
+            promotion_sync_names: Mutex::new(None),
         }
     }
 
@@ -216,6 +220,8 @@ impl Instance {
         }
         let (spec, run_as) = (self.spec.clone(), self.run_as.clone());
         let role = self.role_config();
+        let promotion_sync =
+            self.promotion_sync_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let passfile = self.passfile_path();
         let changed = blocking(move || {
             let data = &spec.data_dir;
@@ -236,6 +242,9 @@ impl Instance {
                 conf.push_str(&config::render_replication_conf(&rc.role, &rc.application_name, &passfile)?);
                 if let Role::Standby { upstream, .. } = &rc.role {
                     passfile_text = Some(config::render_passfile(upstream)?);
+                    if let Some(names) = &promotion_sync {
+                        conf.push_str(&config::render_promotion_sync(names));
+                    }
                 }
             }
             let signal = data.join(STANDBY_SIGNAL);

@@ -292,6 +292,9 @@ impl Instance {
         }
         let client = self.superuser_client().await?;
         if self.in_recovery(&client).await? {
+            if !synchronous_standby_names.is_empty() {
+                self.arm_promotion_sync(synchronous_standby_names).await?;
+            }
             let (mut cmd, label) = self.pg_ctl("promote");
             cmd.args(["-w", "-t", "30"]);
             run(&mut cmd, &label)
@@ -315,11 +318,38 @@ impl Instance {
             blocking(move || paths::remove_file_if_exists(&signal)).await?;
         }
         self.set_role(role, &application_name);
+        *self.promotion_sync_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         if self.write_config().await? {
             self.reload().await?;
             self.config_changed.store(false, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    /// Makes the standby about to be promoted enforce `names` from its first commit as a
+    /// primary: without it, writes acknowledged between the promotion and the rewrite of its
+    /// configuration would exist on this server alone. Waits (up to 2 s) until new sessions
+    /// see the setting; carries on with a warning if they do not.
+    async fn arm_promotion_sync(&self, names: &str) -> Result<(), PgError> {
+        *self.promotion_sync_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(names.to_string());
+        if self.write_config().await? {
+            self.reload().await?;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            if let Ok(c) = self.superuser_client().await {
+                if let Ok(row) = c.query_one("SHOW synchronous_standby_names", &[]).await {
+                    if row.get::<_, String>(0) == names {
+                        return Ok(());
+                    }
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(cluster_id = %self.spec.cluster_id, "synchronous_standby_names not in effect before promotion");
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -1,0 +1,359 @@
+//! Taking a backup of a running primary: PostgreSQL's non-exclusive backup API around a
+//! parallel copy of PGDATA into the repository, each file checksummed and compressed; an
+//! incremental backup stores only the pages (or files) changed since the prior backup.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+
+use super::catalog::{self, MANIFEST_FILE};
+use super::compress::Compression;
+use super::manifest::{BackupKind, FileEntry, FileSource, Manifest, MANIFEST_FORMAT};
+use super::pages;
+use super::repo::Repository;
+use super::BackupError;
+use crate::pg::config::{LOG_DIR, STEWARD_CONF};
+use crate::pg::{format_lsn, parse_lsn, Instance};
+
+/// Directories whose contents are never backed up (PostgreSQL recreates or does not need them;
+/// WAL comes from the archive), as pg_basebackup does.
+pub const SKIP_CONTENTS: &[&str] = &[
+    "pg_wal",
+    "pg_replslot",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+    LOG_DIR,
+];
+
+/// Files never backed up: server state of the running instance, recovery markers, and the
+/// agent-managed `steward.conf` (the agent writes it anew for whatever instance is restored).
+pub const SKIP_FILES: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "standby.signal",
+    "recovery.signal",
+    "current_logfiles",
+    STEWARD_CONF,
+];
+
+/// How a backup is taken.
+#[derive(Debug, Clone, Copy)]
+pub struct BackupOptions {
+    pub kind: BackupKind,
+    pub compression: Compression,
+    /// zstd level.
+    pub level: i32,
+    /// Files copied at once.
+    pub parallel: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions { kind: BackupKind::Full, compression: Compression::Zstd, level: 1, parallel: 2 }
+    }
+}
+
+/// One file or directory found in PGDATA.
+#[derive(Debug)]
+struct Found {
+    rel: String,
+    mode: u32,
+}
+
+/// Lists PGDATA: directories, and the files to back up, sorted.
+fn walk(pg_data: &Path) -> Result<(Vec<String>, Vec<Found>), BackupError> {
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    let mut stack = vec![(pg_data.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.is_empty() => continue, // dropped meanwhile
+            Err(e) => return Err(BackupError::io("list", &dir, e)),
+        };
+        for e in entries {
+            let e = e.map_err(|e| BackupError::io("list", &dir, e))?;
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                return Err(BackupError::Refused(format!("{}: a file name that is not UTF-8", dir.display())));
+            };
+            let path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let meta = match std::fs::symlink_metadata(e.path()) {
+                Ok(m) => m,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(BackupError::io("stat", e.path(), err)),
+            };
+            if meta.file_type().is_symlink() {
+                return Err(BackupError::Refused(format!(
+                    "{path} is a symbolic link: tablespaces and links in PGDATA are not supported by backups"
+                )));
+            }
+            if meta.is_dir() {
+                if name == "pgsql_tmp" {
+                    continue;
+                }
+                dirs.push(path.clone());
+                if !SKIP_CONTENTS.contains(&path.as_str()) {
+                    stack.push((e.path(), path));
+                }
+            } else if meta.is_file() {
+                let skip = (rel.is_empty() && SKIP_FILES.contains(&name.as_str()))
+                    || name == "pg_internal.init"
+                    || name.starts_with("pgsql_tmp")
+                    || name.ends_with(".steward-tmp");
+                if !skip {
+                    files.push(Found { rel: path, mode: meta.permissions().mode() & 0o7777 });
+                }
+            }
+        }
+    }
+    dirs.sort();
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok((dirs, files))
+}
+
+/// What the backup stores for one file, decided off the async runtime.
+enum Prepared {
+    /// Vanished during the backup (a dropped relation): WAL replay accounts for it.
+    Gone,
+    Entry {
+        entry: FileEntry,
+        object: Option<(String, Vec<u8>)>,
+    },
+}
+
+struct FileJob {
+    found: Found,
+    abs: PathBuf,
+    index: usize,
+    dir: String,
+    prior: Option<FileEntry>,
+    since_lsn: u64,
+    block_size: usize,
+    compression: Compression,
+    level: i32,
+}
+
+fn prepare(job: FileJob) -> Result<Prepared, BackupError> {
+    let data = match std::fs::read(&job.abs) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Prepared::Gone),
+        Err(e) => return Err(BackupError::io("read", &job.abs, e)),
+    };
+    let sha256 = hex::encode(Sha256::digest(&data));
+    let size = data.len() as u64;
+    let entry =
+        |source| FileEntry { path: job.found.rel.clone(), size, sha256: sha256.clone(), mode: job.found.mode, source };
+    if let Some(prior) = &job.prior {
+        if prior.sha256 == sha256 && prior.size == size {
+            return Ok(Prepared::Entry { entry: entry(FileSource::Prior), object: None });
+        }
+        if pages::is_relation_main_fork(&job.found.rel) && job.block_size > 0 {
+            let prior_pages = prior.size / job.block_size as u64;
+            let changed = pages::changed_pages(&data, job.block_size, prior_pages, job.since_lsn);
+            let total = data.len().div_ceil(job.block_size);
+            if changed.len() * 2 < total {
+                let delta = pages::encode(&data, job.block_size, &changed);
+                let packed = job
+                    .compression
+                    .compress(&delta, job.level)
+                    .map_err(|source| BackupError::Compress { name: job.found.rel.clone(), source })?;
+                let key = format!("{}/{:06}.pages.{}", job.dir, job.index, job.compression.extension());
+                let source = FileSource::Pages {
+                    key: key.clone(),
+                    compression: job.compression,
+                    stored_bytes: packed.len() as u64,
+                    pages: changed.len() as u32,
+                };
+                return Ok(Prepared::Entry { entry: entry(source), object: Some((key, packed)) });
+            }
+        }
+    }
+    let packed = job
+        .compression
+        .compress(&data, job.level)
+        .map_err(|source| BackupError::Compress { name: job.found.rel.clone(), source })?;
+    let key = format!("{}/{:06}.{}", job.dir, job.index, job.compression.extension());
+    let source =
+        FileSource::Whole { key: key.clone(), compression: job.compression, stored_bytes: packed.len() as u64 };
+    Ok(Prepared::Entry { entry: entry(source), object: Some((key, packed)) })
+}
+
+async fn query_one(
+    client: &tokio_postgres::Client,
+    action: &'static str,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<tokio_postgres::Row, BackupError> {
+    client.query_one(sql, params).await.map_err(|source| BackupError::Sql { action, source })
+}
+
+/// Backs up `inst` (a running primary that archives its WAL into `repo` under `stanza`) and
+/// returns the manifest, written last. An incremental backup without a prior backup of the
+/// same system is taken as a full one.
+pub async fn take(
+    inst: &Instance,
+    repo: &Repository,
+    stanza: &str,
+    opts: BackupOptions,
+) -> Result<Manifest, BackupError> {
+    super::archive::check_stanza(stanza)?;
+    let started = Instant::now();
+    let client = inst.superuser_client().await?;
+    let pg_major = inst.binaries().major;
+    let row = query_one(
+        &client,
+        "reading the server's identity",
+        "SELECT system_identifier::text, pg_is_in_recovery(), current_setting('archive_mode'), \
+         current_setting('block_size')::int FROM pg_control_system()",
+        &[],
+    )
+    .await?;
+    let (sysid, in_recovery, archive_mode, block_size): (String, bool, String, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if in_recovery {
+        return Err(BackupError::Refused("backups are taken from the primary; this server is in recovery".into()));
+    }
+    if archive_mode == "off" {
+        return Err(BackupError::Refused(
+            "WAL archiving is off on this server, so a backup could never be restored: start the agent with --repo"
+                .into(),
+        ));
+    }
+    let prior = match opts.kind {
+        BackupKind::Full => None,
+        BackupKind::Incr => catalog::list(repo, stanza).await?.into_iter().rev().find(|m| m.system_identifier == sysid),
+    };
+    let kind = if prior.is_some() { opts.kind } else { BackupKind::Full };
+    if opts.kind == BackupKind::Incr && prior.is_none() {
+        tracing::info!(stanza, "no prior backup of this system: taking a full backup");
+    }
+    let started_at = chrono::Utc::now();
+    let label = catalog::new_label(kind, prior.as_ref(), started_at);
+    let dir = catalog::backup_dir(stanza, &label);
+    if repo.list(&dir).await?.iter().any(|f| f == MANIFEST_FILE) {
+        return Err(BackupError::Refused(format!("backup {label} exists already: wait a second and retry")));
+    }
+
+    // Start: a checkpoint (fast), then files may be copied while the server runs on.
+    let start_sql = if pg_major >= 15 {
+        "SELECT pg_backup_start($1, true)::text"
+    } else {
+        "SELECT pg_start_backup($1, true, false)::text"
+    };
+    let start_lsn_text: String = query_one(&client, "starting the backup", start_sql, &[&label]).await?.get(0);
+    let start_lsn = parse_lsn(&start_lsn_text)
+        .ok_or_else(|| BackupError::Refused(format!("PostgreSQL returned an unreadable start LSN {start_lsn_text}")))?;
+    let row = query_one(
+        &client,
+        "reading the backup's start position",
+        "SELECT pg_walfile_name($1::text::pg_lsn), timeline_id FROM pg_control_checkpoint()",
+        &[&start_lsn_text],
+    )
+    .await?;
+    let (start_wal, timeline): (String, i32) = (row.get(0), row.get(1));
+    tracing::info!(stanza, %label, ?kind, start_lsn = %start_lsn_text, "backup started");
+
+    let pg_data = inst.spec().data_dir.clone();
+    let walk_dir = pg_data.clone();
+    let (directories, found) =
+        tokio::task::spawn_blocking(move || walk(&walk_dir)).await.map_err(|e| BackupError::Task(e.to_string()))??;
+    let since_lsn = prior.as_ref().and_then(|p| parse_lsn(&p.start_lsn)).unwrap_or(0);
+    let jobs: Vec<FileJob> = found
+        .into_iter()
+        .enumerate()
+        .map(|(index, found)| FileJob {
+            abs: pg_data.join(&found.rel),
+            prior: prior.as_ref().and_then(|p| p.file(&found.rel).cloned()),
+            found,
+            index,
+            dir: dir.clone(),
+            since_lsn,
+            block_size: usize::try_from(block_size).unwrap_or(8192),
+            compression: opts.compression,
+            level: opts.level,
+        })
+        .collect();
+    let total = jobs.len();
+    let mut files: Vec<FileEntry> = stream::iter(jobs)
+        .map(|job| async move {
+            let prepared = tokio::task::spawn_blocking(move || prepare(job))
+                .await
+                .map_err(|e| BackupError::Task(e.to_string()))??;
+            match prepared {
+                Prepared::Gone => Ok(None),
+                Prepared::Entry { entry, object } => {
+                    if let Some((key, bytes)) = object {
+                        repo.put(&key, bytes).await?;
+                    }
+                    Ok::<_, BackupError>(Some(entry))
+                }
+            }
+        })
+        .buffer_unordered(opts.parallel.max(1))
+        .try_filter_map(|e| async move { Ok(e) })
+        .try_collect()
+        .await?;
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+
+    // Stop: PostgreSQL waits until the WAL up to the stop position is archived.
+    let stop_sql = if pg_major >= 15 {
+        "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') FROM pg_backup_stop(true)"
+    } else {
+        "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') FROM pg_stop_backup(false, true)"
+    };
+    let row = query_one(&client, "stopping the backup", stop_sql, &[]).await?;
+    let (stop_lsn_text, backup_label, spcmap): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    if !spcmap.trim().is_empty() {
+        return Err(BackupError::Refused("the server has tablespaces, which backups do not support".into()));
+    }
+    let stop_wal: String =
+        query_one(&client, "naming the stop segment", "SELECT pg_walfile_name($1::text::pg_lsn)", &[&stop_lsn_text])
+            .await?
+            .get(0);
+    let stopped_at = chrono::Utc::now();
+    let size_bytes = files.iter().map(|f| f.size).sum();
+    let stored_bytes = files
+        .iter()
+        .map(|f| match &f.source {
+            FileSource::Whole { stored_bytes, .. } | FileSource::Pages { stored_bytes, .. } => *stored_bytes,
+            FileSource::Prior => 0,
+        })
+        .sum();
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        label: label.clone(),
+        kind,
+        prior: prior.map(|p| p.label),
+        system_identifier: sysid,
+        pg_major,
+        block_size: u32::try_from(block_size).unwrap_or(8192),
+        timeline: u32::try_from(timeline).unwrap_or(1),
+        start_lsn: format_lsn(start_lsn),
+        stop_lsn: stop_lsn_text,
+        start_wal,
+        stop_wal,
+        started_at: started_at.to_rfc3339(),
+        stopped_at: stopped_at.to_rfc3339(),
+        backup_label,
+        directories,
+        files,
+        size_bytes,
+        stored_bytes,
+    };
+    let text = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| BackupError::BadManifest { label: label.clone(), why: e.to_string() })?;
+    repo.put(&format!("{dir}/{MANIFEST_FILE}"), text).await?;
+    tracing::info!(stanza, %label, ?kind, files = total, size_bytes, stored_bytes,
+        elapsed_ms = started.elapsed().as_millis() as u64, "backup finished");
+    Ok(manifest)
+}

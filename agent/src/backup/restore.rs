@@ -1,0 +1,258 @@
+//! Restoring a backup into a data directory, set up to recover from the WAL archive to the
+//! latest WAL, a point in time or an LSN, and then to be promoted. Every file is rebuilt from
+//! its backup chain and checked against the manifest's SHA-256 before it is written.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+
+use super::catalog;
+use super::manifest::{FileSource, Manifest};
+use super::pages;
+use super::repo::Repository;
+use super::BackupError;
+use crate::pg::config::sh_quote;
+use crate::pg::RunAs;
+
+/// Where recovery stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryTarget {
+    /// Replay all archived WAL.
+    Latest,
+    /// Stop before the first commit after this time (RFC 3339, e.g. `2026-11-25T02:10:05Z`).
+    Time(chrono::DateTime<chrono::FixedOffset>),
+    /// Stop after this WAL position (e.g. `0/5000028`).
+    Lsn(String),
+}
+
+/// What to restore, and how.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// The backup to restore; default: the newest one that finished before the target time
+    /// (or the newest of all).
+    pub label: Option<String>,
+    pub target: RecoveryTarget,
+    /// The steward-agent executable for `restore_command`.
+    pub agent_exe: PathBuf,
+    /// Files rebuilt at once.
+    pub parallel: usize,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    pub label: String,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+/// Picks the backup to restore for `opts`.
+async fn choose(repo: &Repository, stanza: &str, opts: &RestoreOptions) -> Result<Manifest, BackupError> {
+    if let Some(label) = &opts.label {
+        return catalog::load(repo, stanza, label)
+            .await?
+            .ok_or_else(|| BackupError::Refused(format!("stanza {stanza} has no complete backup {label}")));
+    }
+    let all = catalog::list(repo, stanza).await?;
+    let fits = |m: &Manifest| match &opts.target {
+        RecoveryTarget::Time(t) => chrono::DateTime::parse_from_rfc3339(&m.stopped_at).is_ok_and(|s| s <= *t),
+        _ => true,
+    };
+    all.into_iter().rev().find(fits).ok_or_else(|| {
+        BackupError::Refused(format!(
+            "stanza {stanza} has no complete backup{} in repository {}",
+            if matches!(opts.target, RecoveryTarget::Time(_)) { " that finished before the target time" } else { "" },
+            repo.location()
+        ))
+    })
+}
+
+/// Rebuilds the contents of `path` as of `chain[at]`.
+async fn rebuild(repo: &Repository, chain: &[Manifest], at: usize, path: &str) -> Result<Vec<u8>, BackupError> {
+    // Walk back to the backup that stored the file whole, then lay the deltas over it.
+    let mut deltas = Vec::new();
+    let mut i = at;
+    let base = loop {
+        let m = chain.get(i).ok_or_else(|| BackupError::BadManifest {
+            label: chain[at].label.clone(),
+            why: format!("{path} refers to a prior backup the chain does not have"),
+        })?;
+        let entry = m.file(path).ok_or_else(|| BackupError::BadManifest {
+            label: m.label.clone(),
+            why: format!("{path} is missing from a backup a later one refers to"),
+        })?;
+        match &entry.source {
+            FileSource::Whole { key, compression, .. } => break (key.clone(), *compression),
+            FileSource::Prior => i += 1,
+            FileSource::Pages { key, compression, .. } => {
+                deltas.push((key.clone(), *compression));
+                i += 1;
+            }
+        }
+    };
+    let fetch = |key: String, compression: super::Compression| async move {
+        let packed =
+            repo.get(&key).await?.ok_or_else(|| BackupError::Corrupt { key: key.clone(), why: "missing".into() })?;
+        compression
+            .decompress(&packed, super::archive::MAX_OBJECT_BYTES * 2)
+            .map_err(|e| BackupError::Corrupt { key, why: format!("does not decompress: {e}") })
+    };
+    let mut data = fetch(base.0, base.1).await?;
+    for (key, compression) in deltas.into_iter().rev() {
+        let delta = fetch(key.clone(), compression).await?;
+        data = pages::apply(data, &delta).map_err(|why| BackupError::Corrupt { key, why })?;
+    }
+    Ok(data)
+}
+
+/// The recovery settings appended to `postgresql.auto.conf` (later settings win).
+pub fn recovery_settings(exe: &Path, repo: &str, stanza: &str, target: &RecoveryTarget) -> String {
+    let get = format!(
+        "{} archive-get --repo {} --stanza {} %f %p",
+        sh_quote(&exe.to_string_lossy()).replace('%', "%%"),
+        sh_quote(repo).replace('%', "%%"),
+        sh_quote(stanza)
+    );
+    let q = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"));
+    let mut s = String::from("\n# steward-agent restore: recover from the WAL archive, then promote\n");
+    s.push_str(&format!("restore_command = {}\n", q(&get)));
+    match target {
+        RecoveryTarget::Latest => {}
+        RecoveryTarget::Time(t) => {
+            s.push_str(&format!("recovery_target_time = {}\n", q(&t.format("%Y-%m-%d %H:%M:%S%.6f%:z").to_string())));
+            s.push_str("recovery_target_inclusive = off\n");
+        }
+        RecoveryTarget::Lsn(l) => s.push_str(&format!("recovery_target_lsn = {}\n", q(l))),
+    }
+    if *target != RecoveryTarget::Latest {
+        s.push_str("recovery_target_action = 'promote'\n");
+    }
+    s
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32, run_as: &RunAs) -> Result<(), BackupError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| BackupError::io("create", path, e))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| BackupError::io("write", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
+        .map_err(|e| BackupError::io("chmod", path, e))?;
+    run_as.chown(path)?;
+    Ok(())
+}
+
+/// Restores a backup of `stanza` into `pg_data` (which must be missing or empty), owned by
+/// `run_as`, with `recovery.signal` and the recovery settings in place: starting PostgreSQL
+/// on it then replays the archive to the target and promotes. The caller writes the server's
+/// own settings (`steward.conf`: port, sockets, archiving under the new cluster's stanza).
+pub async fn restore(
+    repo: &Repository,
+    stanza: &str,
+    pg_data: &Path,
+    run_as: &RunAs,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, BackupError> {
+    super::archive::check_stanza(stanza)?;
+    match std::fs::read_dir(pg_data) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(BackupError::Refused(format!(
+                    "{} is not empty: restore into a new directory (nothing there is overwritten)",
+                    pg_data.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(BackupError::io("inspect", pg_data, e)),
+    }
+    let top = choose(repo, stanza, opts).await?;
+    let label = top.label.clone();
+    let chain = catalog::chain(repo, stanza, top).await?;
+    tracing::info!(stanza, %label, chain = chain.len(), files = chain[0].files.len(), "restoring backup");
+
+    std::fs::create_dir_all(pg_data).map_err(|e| BackupError::io("create", pg_data, e))?;
+    std::fs::set_permissions(pg_data, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| BackupError::io("chmod", pg_data, e))?;
+    run_as.chown(pg_data)?;
+    for d in &chain[0].directories {
+        let p = pg_data.join(d);
+        std::fs::create_dir_all(&p).map_err(|e| BackupError::io("create", &p, e))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| BackupError::io("chmod", &p, e))?;
+        run_as.chown(&p)?;
+    }
+    for d in ["pg_wal", "pg_wal/archive_status"] {
+        let p = pg_data.join(d);
+        if !p.exists() {
+            std::fs::create_dir_all(&p).map_err(|e| BackupError::io("create", &p, e))?;
+            run_as.chown(&p)?;
+        }
+    }
+
+    let chain = &chain;
+    let bytes: u64 = stream::iter(chain[0].files.iter())
+        .map(|f| async move {
+            let data = rebuild(repo, chain, 0, &f.path).await?;
+            let sha = hex::encode(Sha256::digest(&data));
+            if sha != f.sha256 || data.len() as u64 != f.size {
+                return Err(BackupError::Corrupt {
+                    key: format!("{}/{}", label_of(chain), f.path),
+                    why: format!(
+                        "rebuilt {} bytes with sha256 {sha}, the manifest says {} bytes with {}",
+                        data.len(),
+                        f.size,
+                        f.sha256
+                    ),
+                });
+            }
+            let (path, mode, run_as) = (pg_data.join(&f.path), f.mode, run_as.clone());
+            tokio::task::spawn_blocking(move || write_file(&path, &data, mode, &run_as))
+                .await
+                .map_err(|e| BackupError::Task(e.to_string()))??;
+            Ok::<u64, BackupError>(f.size)
+        })
+        .buffer_unordered(opts.parallel.max(1))
+        .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+        .await?;
+
+    write_file(&pg_data.join("backup_label"), chain[0].backup_label.as_bytes(), 0o600, run_as)?;
+    write_file(&pg_data.join("recovery.signal"), b"", 0o600, run_as)?;
+    let auto = pg_data.join("postgresql.auto.conf");
+    let mut conf = std::fs::read_to_string(&auto).unwrap_or_default();
+    conf.push_str(&recovery_settings(&opts.agent_exe, &repo.location(), stanza, &opts.target));
+    write_file(&auto, conf.as_bytes(), 0o600, run_as)?;
+    let report = RestoreReport { label: chain[0].label.clone(), files: chain[0].files.len(), bytes };
+    tracing::info!(stanza, label = %report.label, files = report.files, bytes, "backup restored");
+    Ok(report)
+}
+
+fn label_of(chain: &[Manifest]) -> &str {
+    chain.first().map(|m| m.label.as_str()).unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_settings_render_targets() {
+        let exe = Path::new("/usr/bin/steward-agent");
+        let latest = recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Latest);
+        assert!(latest
+            .contains("restore_command = '/usr/bin/steward-agent archive-get --repo /srv/repo --stanza db-1 %f %p'"));
+        assert!(!latest.contains("recovery_target"));
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-25T02:10:05.5+01:00").unwrap();
+        let s = recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Time(t));
+        assert!(s.contains("recovery_target_time = '2026-11-25 02:10:05.500000+01:00'"), "{s}");
+        assert!(s.contains("recovery_target_action = 'promote'"));
+        let s = recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Lsn("0/5000028".into()));
+        assert!(s.contains("recovery_target_lsn = '0/5000028'"));
+    }
+}
