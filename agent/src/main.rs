@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use steward_agent::backup::cli::{ArchiveGetArgs, ArchivePushArgs};
+use steward_agent::backup::commands::{self, BackupArgs, ExpireArgs, InfoArgs, RestoreArgs, VerifyArgs};
 use steward_agent::config::AgentArgs;
 
 /// Steward host agent: runs PostgreSQL on this host and carries out the control plane's commands.
@@ -33,6 +34,23 @@ enum Cmd {
     ///
     /// Example: restore_command = 'steward-agent archive-get --repo /srv/steward-repo --stanza ha-1 %f %p'
     ArchiveGet(ArchiveGetArgs),
+    /// Back up a running primary into the repository: full, or incremental (changed pages only).
+    ///
+    /// Example: steward-agent backup --repo /srv/steward-repo --stanza ha-1 --pg-data /var/lib/steward/agent/clusters/ha-1/pgdata --socket-dir /var/lib/steward/agent/run --type incr
+    Backup(BackupArgs),
+    /// Restore a backup into a new directory, set up to replay the WAL archive to the latest
+    /// point, a time or an LSN, then promote.
+    ///
+    /// Example: steward-agent restore --repo /srv/steward-repo --stanza ha-1 --pg-data /srv/restore --target-time 2026-11-25T02:10:05Z
+    Restore(RestoreArgs),
+    /// Show the repository's stanzas: archived WAL and backups (text or JSON).
+    Info(InfoArgs),
+    /// Read back every backup file and archived WAL file of a stanza and check the WAL chain;
+    /// exits 1 if anything would make a restore fail.
+    Verify(VerifyArgs),
+    /// Remove backups (and the WAL they alone needed) beyond the retention window, keeping
+    /// point-in-time recovery possible to any moment of the last N days.
+    Expire(ExpireArgs),
 }
 
 /// Logs go to stdout for the daemon; to stderr for the commands PostgreSQL runs, which it
@@ -67,10 +85,12 @@ async fn run_daemon(args: AgentArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let daemon = matches!(cli.command, Cmd::Run(_));
-    if daemon {
-        init_logging("info,sqlx=warn,h2=warn,tower=warn", false);
-    } else {
-        init_logging("warn", true);
+    match &cli.command {
+        Cmd::Run(_) => init_logging("info,sqlx=warn,h2=warn,tower=warn", false),
+        // run by PostgreSQL, which copies stderr into its log: quiet unless something is wrong
+        Cmd::ArchivePush(_) | Cmd::ArchiveGet(_) => init_logging("warn", true),
+        // operator commands: progress on stderr, results on stdout
+        _ => init_logging("info", true),
     }
     let rt = match runtime(daemon) {
         Ok(rt) => rt,
@@ -89,5 +109,10 @@ fn main() -> ExitCode {
         },
         Cmd::ArchivePush(args) => rt.block_on(steward_agent::backup::cli::push(args)),
         Cmd::ArchiveGet(args) => rt.block_on(steward_agent::backup::cli::get(args)),
+        Cmd::Backup(args) => rt.block_on(commands::backup(args)),
+        Cmd::Restore(args) => rt.block_on(commands::restore(args)),
+        Cmd::Info(args) => rt.block_on(commands::info(args)),
+        Cmd::Verify(args) => rt.block_on(commands::verify(args)),
+        Cmd::Expire(args) => rt.block_on(commands::expire(args)),
     }
 }

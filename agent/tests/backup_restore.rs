@@ -115,10 +115,44 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
     drop(rc);
     restored.stop().await.expect("stop restored");
 
-    // Restoring into a directory that is not empty is refused; so is a corrupted object.
+    // Restoring into a directory that is not empty is refused.
     let err = backup::restore(&repo, stanza, &restored.spec().data_dir, &lab.run_as, &ropts).await.unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
-    let victim = full
+
+    // The operator commands: verify, info, a third (full) backup, expire.
+    let repo_s = lab.repo.display().to_string();
+    let args = ["--repo", repo_s.as_str(), "--stanza", stanza];
+    let out = agent(&lab.exe, &[&["verify"][..], &args].concat());
+    assert!(out.status.success(), "verify: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("all readable and complete"), "{}", text(&out.stdout));
+    let out = agent(&lab.exe, &["info", "--repo", &repo_s, "--output", "json"]);
+    assert!(out.status.success(), "info: {}", text(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info JSON");
+    assert_eq!(info[0]["stanza"], stanza);
+    assert_eq!(info[0]["backups"].as_array().map(Vec::len), Some(2), "{info}");
+    assert_eq!(info[0]["backups"][1]["kind"], "incr");
+    let (sock, port) = (inst.spec().socket_dir.display().to_string(), inst.spec().port.to_string());
+    let pg_data = inst.spec().data_dir.display().to_string();
+    let out = agent(
+        &lab.exe,
+        &[&["backup"][..], &args, &["--pg-data", &pg_data, "--socket-dir", &sock, "--port", &port, "--output", "json"]]
+            .concat(),
+    );
+    assert!(out.status.success(), "backup: {}", text(&out.stderr));
+    let third: serde_json::Value = serde_json::from_slice(&out.stdout).expect("backup JSON");
+    let third_label = third["label"].as_str().expect("label").to_string();
+    let out = agent(&lab.exe, &[&["expire"][..], &args, &["--retention-days", "0", "--output", "json"]].concat());
+    assert!(out.status.success(), "expire: {}", text(&out.stderr));
+    let expired: serde_json::Value = serde_json::from_slice(&out.stdout).expect("expire JSON");
+    assert_eq!(expired["plan"]["keep"], serde_json::json!([third_label]), "{expired}");
+    assert_eq!(expired["plan"]["remove"], serde_json::json!([full.label, incr.label]), "{expired}");
+    assert!(expired["wal_removed"].as_u64().unwrap_or(0) > 0, "WAL before the kept backup goes: {expired}");
+    let out = agent(&lab.exe, &[&["verify"][..], &args].concat());
+    assert!(out.status.success(), "verify after expire: {}", text(&out.stdout));
+
+    // A corrupted object: restore refuses it, verify names it.
+    let kept = backup::catalog::load(&repo, stanza, &third_label).await.expect("load").expect("manifest");
+    let victim = kept
         .files
         .iter()
         .filter_map(|f| match &f.source {
@@ -133,8 +167,24 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
     bytes[mid] ^= 0x55;
     std::fs::write(&path, bytes).expect("corrupt");
     let (again, _stop3) = lab.instance("again", "again", false);
-    let err = backup::restore(&repo, stanza, &again.spec().data_dir, &lab.run_as, &ropts).await.unwrap_err();
+    let latest = RestoreOptions { target: RecoveryTarget::Latest, ..ropts };
+    let err = backup::restore(&repo, stanza, &again.spec().data_dir, &lab.run_as, &latest).await.unwrap_err();
     assert!(err.to_string().contains("corrupt"), "{err}");
+    let out = agent(&lab.exe, &[&["verify"][..], &args].concat());
+    assert_eq!(out.status.code(), Some(1), "verify must fail: {}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("does not decompress") || text(&out.stdout).contains("sha256"),
+        "{}",
+        text(&out.stdout)
+    );
     drop(client);
     inst.stop().await.expect("stop");
+}
+
+fn agent(exe: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(exe).args(args).output().expect("run steward-agent")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }

@@ -30,6 +30,16 @@ pub struct ArchiveInfo {
     /// PostgreSQL major version of the server that created the archive, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pg_major: Option<u32>,
+    /// WAL segment size in bytes, from the first segment archived (16 MiB if not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_size: Option<u32>,
+}
+
+impl ArchiveInfo {
+    /// The segment size, 16 MiB (PostgreSQL's default) when not recorded.
+    pub fn segment_size(&self) -> u32 {
+        self.segment_size.unwrap_or(16 << 20)
+    }
 }
 
 /// How archive-push stores files.
@@ -133,7 +143,13 @@ impl Archive {
 
     /// Refuses a system identifier other than the archive's; creates `archive.info` (and the
     /// repository's format marker) on the first push.
-    async fn admit(&self, name: &str, sysid: Option<u64>, pg_major: Option<u32>) -> Result<(), BackupError> {
+    async fn admit(
+        &self,
+        name: &str,
+        sysid: Option<u64>,
+        pg_major: Option<u32>,
+        segment_size: Option<u32>,
+    ) -> Result<(), BackupError> {
         match (self.info().await?, sysid) {
             (Some(info), Some(id)) if info.system_identifier != id.to_string() => Err(BackupError::SystemMismatch {
                 name: name.to_string(),
@@ -144,7 +160,8 @@ impl Archive {
             (Some(_), _) => Ok(()),
             (None, Some(id)) => {
                 self.repo.ensure_format().await?;
-                let info = ArchiveInfo { format: INFO_FORMAT, system_identifier: id.to_string(), pg_major };
+                let info =
+                    ArchiveInfo { format: INFO_FORMAT, system_identifier: id.to_string(), pg_major, segment_size };
                 let text = serde_json::to_vec_pretty(&info)
                     .map_err(|e| BackupError::BadInfo { key: self.info_key(), why: e.to_string() })?;
                 tracing::info!(stanza = %self.stanza, system_identifier = id, "created the stanza's WAL archive");
@@ -190,10 +207,11 @@ impl Archive {
             .to_string();
         let parsed = WalName::parse(&name)?;
         let (file, pg_data_owned) = (path.to_path_buf(), pg_data.map(Path::to_path_buf));
-        let (data, seg_sysid, ctl_sysid, pg_major) =
+        let (data, seg_header, ctl_sysid, pg_major) =
             tokio::task::spawn_blocking(move || read_for_push(&file, &parsed, pg_data_owned))
                 .await
                 .map_err(|e| BackupError::Task(e.to_string()))??;
+        let seg_sysid = seg_header.map(|h| h.system_identifier);
         if let (Some(seg), Some((ctl, pg_control))) = (seg_sysid, &ctl_sysid) {
             if seg != *ctl {
                 return Err(BackupError::ForeignSegment {
@@ -204,7 +222,7 @@ impl Archive {
                 });
             }
         }
-        self.admit(&name, seg_sysid.or(ctl_sysid.map(|c| c.0)), pg_major).await?;
+        self.admit(&name, seg_sysid.or(ctl_sysid.map(|c| c.0)), pg_major, seg_header.map(|h| h.segment_size)).await?;
 
         let sha = sha256_hex(&data);
         let existing = self.find(&name).await?;
@@ -233,10 +251,41 @@ impl Archive {
         Ok(PushOutcome::Archived { key, size, stored })
     }
 
+    /// Every archived object of the stanza with its WAL name, in name order.
+    pub async fn list_all(&self) -> Result<Vec<(String, ArchivedObject)>, BackupError> {
+        let mut dirs = vec![self.top()];
+        for entry in self.repo.list(&self.top()).await? {
+            if entry.len() == 16 && entry.bytes().all(|b| b.is_ascii_hexdigit()) {
+                dirs.push(format!("{}/{entry}", self.top()));
+            }
+        }
+        let mut out = Vec::new();
+        for dir in dirs {
+            for file in self.repo.list(&dir).await? {
+                if let Some((name, sha, compression)) = parse_object_name(&file) {
+                    let obj = ArchivedObject { key: format!("{dir}/{file}"), sha256: sha.to_string(), compression };
+                    out.push((name.to_string(), obj));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Removes one archived object (expire).
+    pub async fn remove(&self, obj: &ArchivedObject) -> Result<bool, BackupError> {
+        self.repo.delete(&obj.key).await
+    }
+
     /// The contents of the archived WAL file `name`, verified against its checksum; None if
     /// it was never archived.
     pub async fn fetch(&self, name: &str) -> Result<Option<Vec<u8>>, BackupError> {
         let Some(obj) = self.find(name).await?.into_iter().next() else { return Ok(None) };
+        self.fetch_object(obj).await.map(Some)
+    }
+
+    /// The contents of one archived object, verified against its checksum.
+    pub async fn fetch_object(&self, obj: ArchivedObject) -> Result<Vec<u8>, BackupError> {
         let packed = self
             .repo
             .get(&obj.key)
@@ -255,7 +304,7 @@ impl Archive {
                     why: format!("its contents have sha256 {sha}, not {}", obj.sha256),
                 });
             }
-            Ok(Some(data))
+            Ok(data)
         })
         .await
         .map_err(|e| BackupError::Task(e.to_string()))?
@@ -273,14 +322,14 @@ impl Archive {
     }
 }
 
-/// The file's bytes, the system identifier in its header (segments only), and pg_control's
+/// The file's bytes, its page header (segments only), and pg_control's
 /// system identifier and PG_VERSION when `pg_data` has them.
 #[allow(clippy::type_complexity)]
 fn read_for_push(
     file: &Path,
     parsed: &WalName,
     pg_data: Option<PathBuf>,
-) -> Result<(Vec<u8>, Option<u64>, Option<(u64, PathBuf)>, Option<u32>), BackupError> {
+) -> Result<(Vec<u8>, Option<wal::SegmentHeader>, Option<(u64, PathBuf)>, Option<u32>), BackupError> {
     let meta = std::fs::metadata(file).map_err(|e| BackupError::io("stat", file, e))?;
     if meta.len() > MAX_OBJECT_BYTES as u64 {
         return Err(BackupError::BadSegment {
@@ -289,15 +338,14 @@ fn read_for_push(
         });
     }
     let data = std::fs::read(file).map_err(|e| BackupError::io("read", file, e))?;
-    let seg_sysid =
-        if parsed.has_page_header() { Some(wal::parse_segment_header(file, &data)?.system_identifier) } else { None };
+    let header = if parsed.has_page_header() { Some(wal::parse_segment_header(file, &data)?) } else { None };
     let (mut ctl, mut pg_major) = (None, None);
     if let Some(dir) = pg_data {
         let pg_control = dir.join("global").join("pg_control");
         ctl = Some((wal::control_system_identifier(&dir)?, pg_control));
         pg_major = std::fs::read_to_string(dir.join("PG_VERSION")).ok().and_then(|v| v.trim().parse().ok());
     }
-    Ok((data, seg_sysid, ctl, pg_major))
+    Ok((data, header, ctl, pg_major))
 }
 
 fn write_restored(dest: &Path, data: &[u8]) -> Result<(), BackupError> {

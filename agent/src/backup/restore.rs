@@ -10,7 +10,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
 use super::catalog;
-use super::manifest::{FileSource, Manifest};
+use super::manifest::{FileEntry, FileSource, Manifest};
 use super::pages;
 use super::repo::Repository;
 use super::BackupError;
@@ -199,19 +199,7 @@ pub async fn restore(
     let chain = &chain;
     let bytes: u64 = stream::iter(chain[0].files.iter())
         .map(|f| async move {
-            let data = rebuild(repo, chain, 0, &f.path).await?;
-            let sha = hex::encode(Sha256::digest(&data));
-            if sha != f.sha256 || data.len() as u64 != f.size {
-                return Err(BackupError::Corrupt {
-                    key: format!("{}/{}", label_of(chain), f.path),
-                    why: format!(
-                        "rebuilt {} bytes with sha256 {sha}, the manifest says {} bytes with {}",
-                        data.len(),
-                        f.size,
-                        f.sha256
-                    ),
-                });
-            }
+            let data = rebuild_checked(repo, chain, f).await?;
             let (path, mode, run_as) = (pg_data.join(&f.path), f.mode, run_as.clone());
             tokio::task::spawn_blocking(move || write_file(&path, &data, mode, &run_as))
                 .await
@@ -233,8 +221,23 @@ pub async fn restore(
     Ok(report)
 }
 
-fn label_of(chain: &[Manifest]) -> &str {
-    chain.first().map(|m| m.label.as_str()).unwrap_or("")
+/// Rebuilds a file of `chain[0]` and checks it against the manifest's size and SHA-256.
+pub async fn rebuild_checked(repo: &Repository, chain: &[Manifest], f: &FileEntry) -> Result<Vec<u8>, BackupError> {
+    let data = rebuild(repo, chain, 0, &f.path).await?;
+    let sha = hex::encode(Sha256::digest(&data));
+    if sha != f.sha256 || data.len() as u64 != f.size {
+        let label = chain.first().map(|m| m.label.as_str()).unwrap_or("");
+        return Err(BackupError::Corrupt {
+            key: format!("{label}/{}", f.path),
+            why: format!(
+                "rebuilt {} bytes with sha256 {sha}, the manifest says {} bytes with {}",
+                data.len(),
+                f.size,
+                f.sha256
+            ),
+        });
+    }
+    Ok(data)
 }
 
 #[cfg(test)]

@@ -83,6 +83,25 @@ impl WalName {
         }
     }
 
+    /// Where a segment lies in the WAL, in segments from the start (timeline aside), for
+    /// segments of `segment_size` bytes; None for history files.
+    pub fn position(&self, segment_size: u32) -> Option<u64> {
+        let per_log = 0x1_0000_0000u64 / u64::from(segment_size.max(1));
+        match self {
+            WalName::Segment { log, seg, .. } => Some(u64::from(*log) * per_log + u64::from(*seg)),
+            _ => None,
+        }
+    }
+
+    /// The timeline the file belongs to.
+    pub fn timeline(&self) -> u32 {
+        match self {
+            WalName::Segment { timeline, .. } | WalName::History { timeline } | WalName::BackupHistory { timeline } => {
+                *timeline
+            }
+        }
+    }
+
     /// Whether the file starts with a WAL page header (so its system identifier can be read).
     pub fn has_page_header(&self) -> bool {
         matches!(self, WalName::Segment { .. })
@@ -195,6 +214,11 @@ mod tests {
         ] {
             assert!(WalName::parse(bad).is_err(), "{bad:?} accepted");
         }
+        let seg = |s: &str| WalName::parse(s).unwrap().position(16 << 20);
+        assert_eq!(seg("000000010000000000000001"), Some(1));
+        assert_eq!(seg("0000000200000001000000FF"), Some(256 + 255), "16 MiB segments: 256 per log");
+        assert_eq!(WalName::parse("000000030000000200000000").unwrap().position(1 << 30), Some(8));
+        assert_eq!(WalName::parse("00000002.history").unwrap().position(16 << 20), None);
         let n = "000000010000000A000000FF";
         assert_eq!(WalName::parse(n).unwrap().group(n), Some("000000010000000A"));
         assert_eq!(WalName::parse("00000002.history").unwrap().group("00000002.history"), None);
