@@ -106,6 +106,12 @@ impl Fleet {
             );
             fleet.mounts.push(dir);
         }
+        // The agents run a copy of their binary inside the scratch directory: PostgreSQL's user
+        // runs it as archive_command and must be able to reach it wherever the checkout lives.
+        let agent_copy = fleet.scratch.path().join("steward-agent");
+        if std::fs::hard_link(bin("steward-agent"), &agent_copy).is_err() {
+            std::fs::copy(bin("steward-agent"), &agent_copy).context("copying steward-agent into the scratch dir")?;
+        }
         for i in 0..fleet.hosts.len() {
             let p = fleet.spawn_agent(i)?;
             fleet.agents.push(Some(p));
@@ -154,17 +160,47 @@ impl Fleet {
                 "256",
                 "--zone",
                 &format!("zone-{}", i + 1),
+                // every cluster archives its WAL into one shared repository, as on NFS
+                "--repo",
+                &root.join("repo").display().to_string(),
             ]
             .iter()
             .map(|s| s.to_string()),
         );
         args.insert(0, "run".into());
-        h.spawn(&format!("agent-{}", i + 1), bin("steward-agent"), &args, &root.join(format!("{host_id}.log")))
+        h.spawn(&format!("agent-{}", i + 1), root.join("steward-agent"), &args, &root.join(format!("{host_id}.log")))
     }
 
     /// A node that answers (the first one not killed).
     pub fn live_node(&self) -> Result<&Node> {
         self.nodes.iter().find(|n| n.proc.is_some()).context("every control-plane node is down")
+    }
+
+    /// Checks WAL archiving across a failover: the timeline history file of the cluster's
+    /// current timeline reaches the shared repository (the new primary archives it at its
+    /// promotion), and the current primary's archiver has never failed.
+    pub async fn check_archiving(&self, uri: &str) -> Result<()> {
+        let c = self.cluster().await?;
+        let (client, task) = connect_read_write(uri).await.context("no writable member to check archiving on")?;
+        let row =
+            client.query_one("SELECT failed_count, coalesce(last_failed_wal, '') FROM pg_stat_archiver", &[]).await;
+        task.abort();
+        let row = row.context("reading pg_stat_archiver")?;
+        let (failed, last_failed): (i64, String) = (row.get(0), row.get(1));
+        let timeline = c.members.iter().find(|m| m.host_id == c.primary_host).map(|m| m.timeline).unwrap_or(1);
+        ensure!(failed == 0, "archive_command failed {failed} times on the primary (last for {last_failed})");
+        if timeline > 1 {
+            let dir = self.scratch.path().join("repo").join(&c.id).join("archive");
+            let prefix = format!("{timeline:08X}.history-");
+            wait_for("the new timeline's history file in the archive", Duration::from_secs(30), || async {
+                let found = std::fs::read_dir(&dir)
+                    .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
+                    .unwrap_or(false);
+                Ok(found.then_some(()))
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// The HA cluster as the operator API reports it.

@@ -58,7 +58,8 @@ async fn finish(s: Setup, old: &str, broken_at: Instant) -> Result<()> {
     let mut acks = s.writer.finish().await;
     println!("longest write pause after the fault: {:?}", longest_pause(&acks, broken_at));
     acks.extend(s.pinned.finish().await);
-    verify(&s.uri, &acks).await
+    verify(&s.uri, &acks).await?;
+    s.fleet.check_archiving(&s.uri).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
