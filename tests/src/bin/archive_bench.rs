@@ -348,7 +348,7 @@ fn main() -> ExitCode {
     };
     let result = bench(work.path(), &args);
     if args.keep {
-        let kept = work.into_path();
+        let kept = work.keep();
         eprintln!("archive-bench: work directory kept at {}", kept.display());
     }
     match result {
