@@ -64,6 +64,10 @@ pub struct AgentArgs {
     /// Created (owned by the PostgreSQL user) if missing. Unset: WAL is not archived.
     #[arg(long, env = "STEWARD_REPO")]
     pub repo: Option<PathBuf>,
+    /// WAL files pushed at once by archive-push's background pusher (asynchronous mode, with a
+    /// spool next to each PGDATA); 0 pushes each file within the archive_command call. Default 2.
+    #[arg(long, env = "STEWARD_ARCHIVE_PROCESSES", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub archive_processes: Option<u16>,
     /// Stop PostgreSQL when the agent exits (development only: in production PostgreSQL keeps
     /// serving across agent restarts).
     #[arg(long)]
@@ -88,6 +92,8 @@ pub struct AgentConfig {
     pub stop_postgres_on_exit: bool,
     /// Backup repository for WAL archiving, if any.
     pub repo: Option<PathBuf>,
+    /// Background WAL pushes at once (0: synchronous archive-push).
+    pub archive_processes: u16,
     /// The steward-agent executable PostgreSQL runs as archive_command (default: this
     /// executable; set when agents run inside another program, as in `steward-controlplane dev`).
     pub archive_exe: Option<PathBuf>,
@@ -148,6 +154,7 @@ impl AgentArgs {
             pg_major: self.pg_major.or(file.pg_major),
             stop_postgres_on_exit: self.stop_postgres_on_exit || file.stop_postgres_on_exit,
             repo,
+            archive_processes: self.archive_processes.or(file.archive_processes).unwrap_or(2),
             archive_exe: None,
         })
     }

@@ -47,6 +47,7 @@ pub struct RunningAgent {
 fn prepare_repo(
     repo: &std::path::Path,
     exe: Option<&std::path::Path>,
+    async_processes: u16,
     run_as: &RunAs,
 ) -> Result<WalArchiving, DaemonError> {
     let err = |source| DaemonError::Repo { path: repo.to_path_buf(), source };
@@ -60,7 +61,7 @@ fn prepare_repo(
         Some(e) => e.to_path_buf(),
         None => std::env::current_exe().map_err(DaemonError::Exe)?,
     };
-    Ok(WalArchiving { agent_exe, repo: repo.to_path_buf() })
+    Ok(WalArchiving { agent_exe, repo: repo.to_path_buf(), async_processes })
 }
 
 /// Starts the agent and returns once its command service listens.
@@ -85,7 +86,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         }
     };
     let archiving = match &cfg.repo {
-        Some(repo) => Some(prepare_repo(repo, cfg.archive_exe.as_deref(), &run_as)?),
+        Some(repo) => Some(prepare_repo(repo, cfg.archive_exe.as_deref(), cfg.archive_processes, &run_as)?),
         None => None,
     };
     let host = Arc::new(Host::new(cfg, run_as, archiving, pg_major, state));

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use steward_agent::backup::cli::{ArchiveGetArgs, ArchivePushArgs};
+use steward_agent::backup::cli::{ArchiveGetArgs, ArchivePushArgs, ArchivePushQueueArgs};
 use steward_agent::backup::commands::{self, BackupArgs, ExpireArgs, InfoArgs, RestoreArgs, VerifyArgs};
 use steward_agent::config::AgentArgs;
 
@@ -34,6 +34,9 @@ enum Cmd {
     ///
     /// Example: restore_command = 'steward-agent archive-get --repo /srv/steward-repo --stanza ha-1 %f %p'
     ArchiveGet(ArchiveGetArgs),
+    /// The background pusher of `archive-push --spool` (started by it; not for direct use).
+    #[command(hide = true)]
+    ArchivePushQueue(ArchivePushQueueArgs),
     /// Back up a running primary into the repository: full, or incremental (changed pages only).
     ///
     /// Example: steward-agent backup --repo /srv/steward-repo --stanza ha-1 --pg-data /var/lib/steward/agent/clusters/ha-1/pgdata --socket-dir /var/lib/steward/agent/run --type incr
@@ -88,7 +91,7 @@ fn main() -> ExitCode {
     match &cli.command {
         Cmd::Run(_) => init_logging("info,sqlx=warn,h2=warn,tower=warn", false),
         // run by PostgreSQL, which copies stderr into its log: quiet unless something is wrong
-        Cmd::ArchivePush(_) | Cmd::ArchiveGet(_) => init_logging("warn", true),
+        Cmd::ArchivePush(_) | Cmd::ArchiveGet(_) | Cmd::ArchivePushQueue(_) => init_logging("warn", true),
         // operator commands: progress on stderr, results on stdout
         _ => init_logging("info", true),
     }
@@ -109,6 +112,17 @@ fn main() -> ExitCode {
         },
         Cmd::ArchivePush(args) => rt.block_on(steward_agent::backup::cli::push(args)),
         Cmd::ArchiveGet(args) => rt.block_on(steward_agent::backup::cli::get(args)),
+        Cmd::ArchivePushQueue(args) => {
+            // its own runtime: the pushes run in parallel on worker threads
+            let workers = usize::from(args.process_max).max(1);
+            match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
+                Ok(rt) => rt.block_on(steward_agent::backup::cli::push_queue(args)),
+                Err(e) => {
+                    eprintln!("steward-agent: cannot start the async runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Backup(args) => rt.block_on(commands::backup(args)),
         Cmd::Restore(args) => rt.block_on(commands::restore(args)),
         Cmd::Info(args) => rt.block_on(commands::info(args)),

@@ -82,6 +82,15 @@ async fn observe(host: &Host, id: &str, rec: &ClusterRecord) -> steward_proto::v
             Ok(_) => s.probe_ok = true,
             Err(e) => s.error = format!("write probe: {e}"),
         }
+        if inst.spec().archive.is_some() {
+            // best effort: archiving stats must never fail an observation
+            if let Ok(a) = inst.archiver_status().await {
+                s.archiving = a.enabled;
+                s.archive_queue = a.queue;
+                s.archive_failures = a.failures;
+                s.archive_last_success_unix = a.last_success_unix;
+            }
+        }
     }
     s
 }

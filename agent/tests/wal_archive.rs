@@ -95,3 +95,45 @@ async fn segments_are_archived_and_restored_by_a_real_server() {
     drop(client);
     inst.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asynchronous_archiving_pushes_ahead_through_the_spool() {
+    let lab = common::Lab::new("steward-archive-async");
+    let stanza = "archive-async";
+    let (inst, _stop) = lab.instance_with("pg", stanza, true, 2);
+    inst.ensure_initialized().await.expect("initdb");
+    inst.write_config().await.expect("config");
+    inst.start().await.expect("start");
+    let client = inst.superuser_client().await.expect("connect");
+    let command: String = client.query_one("SHOW archive_command", &[]).await.expect("show").get(0);
+    assert!(command.contains("--spool") && command.contains("--process-max 2"), "{command}");
+    client.batch_execute("CREATE TABLE t (id int, v text)").await.expect("table");
+    let mut switched = Vec::new();
+    for i in 0..6 {
+        client
+            .batch_execute(&format!("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 5000) g; -- {i}"))
+            .await
+            .expect("insert");
+        switched.push(
+            client.query_one("SELECT pg_walfile_name(pg_switch_wal())", &[]).await.expect("switch").get::<_, String>(0),
+        );
+    }
+    let last = common::switch_and_wait_archived(&inst).await;
+    let archive =
+        Archive::new(Repository::open(&lab.repo.display().to_string()).expect("repo"), stanza).expect("archive");
+    for seg in switched.iter().chain([&last]) {
+        assert_eq!(archive.find(seg).await.expect("find").len(), 1, "{seg} is not in the archive");
+        assert!(archive.fetch(seg).await.expect("fetch").is_some());
+    }
+    // No file failed: no error marks are left in the spool.
+    let spool = inst.spec().archive_spool();
+    let errors: Vec<String> = std::fs::read_dir(&spool)
+        .expect("spool")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.ends_with(".error"))
+        .collect();
+    assert!(errors.is_empty(), "error marks: {errors:?}");
+    drop(client);
+    inst.stop().await.expect("stop");
+}

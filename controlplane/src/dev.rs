@@ -89,6 +89,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             pg_major: None,
             stop_postgres_on_exit: true,
             repo: archive_exe.as_ref().map(|_| repo.clone()),
+            archive_processes: 2,
             archive_exe: archive_exe.clone(),
         };
         let agent = steward_agent::daemon::start(acfg).await.with_context(|| format!("starting agent {}", i + 1))?;

@@ -102,4 +102,32 @@ async fn cluster_metrics(out: &mut String, pool: &sqlx::SqlitePool, liveness: &L
             let _ = writeln!(out, "steward_member_lag_bytes{{{labels}}} {lag}");
         }
     }
+    archive_metrics(out, &clusters, liveness);
+}
+
+/// WAL archiving on each cluster's primary, as its agent last reported it.
+fn archive_metrics(out: &mut String, clusters: &[crate::state::model::Cluster], liveness: &Liveness) {
+    let _ = writeln!(
+        out,
+        "# HELP steward_archive_queue_files WAL files waiting in the primary's archive queue (alert when it grows).\n\
+         # TYPE steward_archive_queue_files gauge\n\
+         # HELP steward_archive_failures_total Failed archive_command calls on the primary since its statistics reset.\n\
+         # TYPE steward_archive_failures_total counter\n\
+         # HELP steward_archive_last_success_age_seconds Seconds since the primary last archived a WAL file (-1: never).\n\
+         # TYPE steward_archive_last_success_age_seconds gauge"
+    );
+    let now = chrono::Utc::now().timestamp();
+    for c in clusters {
+        let Some(o) = liveness
+            .get(&c.primary_host)
+            .and_then(|s| s.instances.into_iter().find(|i| i.cluster_id == c.id && i.archiving))
+        else {
+            continue;
+        };
+        let labels = format!("cluster=\"{}\",host=\"{}\"", c.id, c.primary_host);
+        let age = if o.archive_last_success_unix > 0 { (now - o.archive_last_success_unix).max(0) } else { -1 };
+        let _ = writeln!(out, "steward_archive_queue_files{{{labels}}} {}", o.archive_queue);
+        let _ = writeln!(out, "steward_archive_failures_total{{{labels}}} {}", o.archive_failures);
+        let _ = writeln!(out, "steward_archive_last_success_age_seconds{{{labels}}} {age}");
+    }
 }

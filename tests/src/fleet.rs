@@ -189,6 +189,28 @@ impl Fleet {
         let (failed, last_failed): (i64, String) = (row.get(0), row.get(1));
         let timeline = c.members.iter().find(|m| m.host_id == c.primary_host).map(|m| m.timeline).unwrap_or(1);
         ensure!(failed == 0, "archive_command failed {failed} times on the primary (last for {last_failed})");
+        // The control plane exports what the primary's agent reports about archiving.
+        let node = self.live_node()?;
+        let prefix = format!("steward_archive_failures_total{{cluster=\"{}\",host=\"{}\"}} ", c.id, c.primary_host);
+        let age_prefix = format!("steward_archive_last_success_age_seconds{{cluster=\"{}\",", c.id);
+        wait_for("archiving metrics of the current primary", Duration::from_secs(30), || async {
+            let (_, m) = self.rest.send(reqwest::Method::GET, &node.url("/metrics"), None, None).await?;
+            let text = m.as_str().unwrap_or("").to_string();
+            let failures =
+                text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map(str::trim).map(str::to_string);
+            let age = text
+                .lines()
+                .find(|l| l.starts_with(age_prefix.as_str()))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<i64>().ok());
+            if let Some(f) = &failures {
+                ensure!(f == "0", "the control plane reports {f} archive failures");
+            }
+            // after a promotion, the new timeline's history file has been archived
+            let recent = age.is_some_and(|a| if timeline > 1 { a >= 0 } else { a >= -1 });
+            Ok((failures.is_some() && recent).then_some(()))
+        })
+        .await?;
         if timeline > 1 {
             let dir = self.scratch.path().join("repo").join(&c.id).join("archive");
             let prefix = format!("{timeline:08X}.history-");

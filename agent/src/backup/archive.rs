@@ -224,7 +224,20 @@ impl Archive {
         }
         self.admit(&name, seg_sysid.or(ctl_sysid.map(|c| c.0)), pg_major, seg_header.map(|h| h.segment_size)).await?;
 
-        let sha = sha256_hex(&data);
+        // Hash and compress at once, on two threads: the push's latency is the longer of the two.
+        let size = data.len();
+        let (compression, level) = (opts.compression, opts.level);
+        let (sha, packed) = tokio::task::spawn_blocking(move || {
+            std::thread::scope(|scope| {
+                let hasher = scope.spawn(|| sha256_hex(&data));
+                let packed = compression.compress(&data, level);
+                (hasher.join().map_err(|_| "the hashing thread panicked".to_string()), packed)
+            })
+        })
+        .await
+        .map_err(|e| BackupError::Task(e.to_string()))?;
+        let sha = sha.map_err(BackupError::Task)?;
+        let packed = packed.map_err(|source| BackupError::Compress { name: name.clone(), source })?;
         let existing = self.find(&name).await?;
         if let Some(same) = existing.iter().find(|o| o.sha256 == sha) {
             return Ok(PushOutcome::AlreadyArchived { key: same.key.clone() });
@@ -237,13 +250,6 @@ impl Archive {
                 local: sha,
             });
         }
-        let size = data.len();
-        let (compression, level) = (opts.compression, opts.level);
-        let n = name.clone();
-        let packed = tokio::task::spawn_blocking(move || compression.compress(&data, level))
-            .await
-            .map_err(|e| BackupError::Task(e.to_string()))?
-            .map_err(|source| BackupError::Compress { name: n, source })?;
         let stored = packed.len();
         let parsed = WalName::parse(&name)?;
         let key = format!("{}/{name}-{sha}.{}", self.dir_of(&parsed, &name), compression.extension());

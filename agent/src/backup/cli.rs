@@ -5,6 +5,7 @@
 //! a code above 125 when an archived file is corrupt, which makes PostgreSQL stop recovery
 //! rather than end it early as if the WAL had run out.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -52,6 +53,31 @@ pub struct ArchivePushArgs {
     /// the current directory, when it holds global/pg_control).
     #[arg(long)]
     pub pg_data: Option<PathBuf>,
+    /// Asynchronous mode: a background pusher reads PostgreSQL's queue (pg_wal/archive_status)
+    /// and pushes ahead, marking durable files in this spool directory; each call waits only
+    /// for its own file's mark.
+    #[arg(long)]
+    pub spool: Option<PathBuf>,
+    /// Files the background pusher pushes at once (asynchronous mode).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub process_max: u16,
+}
+
+/// Flags of the background pusher `archive-push-queue` (started by archive-push --spool).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ArchivePushQueueArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    #[arg(long)]
+    pub pg_data: PathBuf,
+    #[arg(long)]
+    pub spool: PathBuf,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub process_max: u16,
+    #[arg(long, value_enum, default_value_t = Compression::Zstd)]
+    pub compress: Compression,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub compress_level: i32,
 }
 
 /// Flags of `steward-agent archive-get`.
@@ -77,6 +103,9 @@ pub async fn push(args: ArchivePushArgs) -> ExitCode {
         .clone()
         .or_else(|| std::env::current_dir().ok().filter(|d| d.join("global").join("pg_control").is_file()));
     let opts = PushOptions { compression: args.compress, level: args.compress_level };
+    if let Some(spool) = &args.spool {
+        return push_async(&args, spool, pg_data).await;
+    }
     let result = async { open(&args.repo)?.push(&args.wal_path, pg_data.as_deref(), opts).await }.await;
     match result {
         Ok(PushOutcome::Archived { key, size, stored }) => {
@@ -89,6 +118,77 @@ pub async fn push(args: ArchivePushArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("steward-agent archive-push {}: {e}", args.wal_path.display());
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// archive-push --spool: waits for the background pusher to mark the file durable.
+async fn push_async(args: &ArchivePushArgs, spool: &std::path::Path, pg_data: Option<PathBuf>) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("steward-agent archive-push {}: {e}", args.wal_path.display());
+        ExitCode::from(EXIT_FAILED)
+    };
+    let Some(pg_data) = pg_data else {
+        return fail(&"asynchronous mode reads PostgreSQL's queue: run it in PGDATA or pass --pg-data");
+    };
+    let Some(name) = args.wal_path.file_name().and_then(|n| n.to_str()) else {
+        return fail(&"no file name");
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    let start = || {
+        // Its errors go to a log in the spool (and, as .error marks, to the call for each file):
+        // holding the caller's stderr open would keep anyone who captures it waiting.
+        let log_path = spool.join("pusher.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| BackupError::io("open", &log_path, e))?;
+        std::process::Command::new(&exe)
+            .arg("archive-push-queue")
+            .args(["--repo", &args.repo.repo, "--stanza", &args.repo.stanza, "--pg-data"])
+            .arg(&pg_data)
+            .arg("--spool")
+            .arg(spool)
+            .args(["--process-max", &args.process_max.to_string()])
+            .args(["--compress", args.compress.extension_name(), "--compress-level", &args.compress_level.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            // its own process group: it outlives this call, and PostgreSQL's signals to the
+            // archiver's group do not cut a push in half
+            .process_group(0)
+            .spawn()
+            .map(|_| ())
+            .map_err(|e| BackupError::io("start the background pusher", &exe, e))
+    };
+    let spool = super::spool::Spool { dir: spool.to_path_buf() };
+    match super::spool::push_via_spool(&spool, name, start).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Runs the background pusher of asynchronous mode.
+pub async fn push_queue(args: ArchivePushQueueArgs) -> ExitCode {
+    let opts = PushOptions { compression: args.compress, level: args.compress_level };
+    let spool = super::spool::Spool { dir: args.spool.clone() };
+    let result = async {
+        let archive = open(&args.repo)?;
+        super::spool::run_pusher(&archive, &args.pg_data, &spool, opts, usize::from(args.process_max)).await
+    }
+    .await;
+    match result {
+        Ok(n) => {
+            tracing::debug!(pushed = n, "background pusher idle: exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("steward-agent archive-push-queue: {e}");
             ExitCode::from(EXIT_FAILED)
         }
     }

@@ -26,6 +26,15 @@ impl Compression {
         }
     }
 
+    /// The name of this compression on the command line (`--compress`).
+    pub fn extension_name(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+            Compression::None => "none",
+        }
+    }
+
     /// The compression an object name's extension stands for.
     pub fn from_extension(ext: &str) -> Option<Self> {
         match ext {

@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod pages;
 pub mod repo;
 pub mod restore;
+pub mod spool;
 pub mod wal;
 
 pub use archive::{Archive, PushOptions, PushOutcome};

@@ -70,14 +70,19 @@ pub const ARCHIVE_TIMEOUT: &str = "60s";
 /// The WAL-archiving part of `steward.conf`: `archive-push` / `archive-get` of this agent,
 /// with the cluster id as stanza. Standbys keep `archive_mode = on` (they archive nothing
 /// until promoted), so a promotion needs no restart.
-pub fn render_archiving_conf(a: &super::WalArchiving, stanza: &str) -> String {
+pub fn render_archiving_conf(a: &super::WalArchiving, stanza: &str, spool: Option<&Path>) -> String {
     // PostgreSQL expands %-escapes in the whole command: a literal % must be doubled.
     let exe = sh_quote(&a.agent_exe.to_string_lossy()).replace('%', "%%");
     let repo = sh_quote(&a.repo.to_string_lossy()).replace('%', "%%");
     let stanza = sh_quote(stanza);
     let mut s = String::from("\n# WAL archiving into the backup repository\n");
     s.push_str("archive_mode = on\n");
-    let push = format!("{exe} archive-push --repo {repo} --stanza {stanza} %p");
+    let mut push = format!("{exe} archive-push --repo {repo} --stanza {stanza}");
+    if let Some(dir) = spool {
+        let dir = sh_quote(&dir.to_string_lossy()).replace('%', "%%");
+        push.push_str(&format!(" --spool {dir} --process-max {}", a.async_processes));
+    }
+    push.push_str(" %p");
     s.push_str(&format!("archive_command = {}\n", conf_quote(&push)));
     s.push_str(&format!("archive_timeout = {}\n", conf_quote(ARCHIVE_TIMEOUT)));
     let get = format!("{exe} archive-get --repo {repo} --stanza {stanza} %f %p");
@@ -233,7 +238,11 @@ mod tests {
 
     #[test]
     fn archiving_conf_golden_and_quoting() {
-        let a = crate::pg::WalArchiving { agent_exe: "/usr/bin/steward-agent".into(), repo: "/srv/it's 100%".into() };
+        let a = crate::pg::WalArchiving {
+            agent_exe: "/usr/bin/steward-agent".into(),
+            repo: "/srv/it's 100%".into(),
+            async_processes: 0,
+        };
         let expected = r#"
 # WAL archiving into the backup repository
 archive_mode = on
@@ -241,7 +250,15 @@ archive_command = '/usr/bin/steward-agent archive-push --repo ''/srv/it''\\''''s
 archive_timeout = '60s'
 restore_command = '/usr/bin/steward-agent archive-get --repo ''/srv/it''\\''''s 100%%'' --stanza ha-1 %f %p'
 "#;
-        assert_eq!(render_archiving_conf(&a, "ha-1"), expected);
+        assert_eq!(render_archiving_conf(&a, "ha-1", None), expected);
+        let a = crate::pg::WalArchiving { repo: "/srv/repo".into(), async_processes: 3, ..a };
+        let conf = render_archiving_conf(&a, "ha-1", Some(Path::new("/data/ha-1/archive-spool")));
+        assert!(
+            conf.contains(
+                "archive-push --repo /srv/repo --stanza ha-1 --spool /data/ha-1/archive-spool --process-max 3 %p'"
+            ),
+            "{conf}"
+        );
         assert_eq!(sh_quote("/plain/path-1.2"), "/plain/path-1.2");
         assert_eq!(sh_quote("a b"), "'a b'");
         assert_eq!(sh_quote("it's"), r#"'it'\''s'"#);

@@ -44,6 +44,16 @@ pub struct WalArchiving {
     pub agent_exe: PathBuf,
     /// The repository directory (absolute).
     pub repo: PathBuf,
+    /// Background pushes at once (archive-push's asynchronous mode, with a spool next to
+    /// PGDATA); 0 pushes each file within the archive_command call.
+    pub async_processes: u16,
+}
+
+impl InstanceSpec {
+    /// The spool directory of asynchronous WAL archiving: next to PGDATA, never inside it.
+    pub fn archive_spool(&self) -> PathBuf {
+        self.data_dir.with_file_name("archive-spool")
+    }
 }
 
 /// One PostgreSQL instance on this host, driven through initdb/pg_ctl and a superuser
@@ -234,7 +244,11 @@ impl Instance {
             let tuning = tuning_for(spec.memory_budget_bytes, spec.cores);
             let mut conf = config::render_steward_conf(&listen, &tuning);
             if let Some(a) = &spec.archive {
-                conf.push_str(&config::render_archiving_conf(a, &spec.cluster_id));
+                let spool = (a.async_processes > 0).then(|| spec.archive_spool());
+                if let Some(dir) = &spool {
+                    paths::ensure_owned_dir(dir, &run_as, 0o700)?;
+                }
+                conf.push_str(&config::render_archiving_conf(a, &spec.cluster_id, spool.as_deref()));
             }
             // render (and so validate) everything before writing anything
             let mut passfile_text = None;

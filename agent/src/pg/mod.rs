@@ -3,6 +3,7 @@
 //! role and database, and run it as a streaming-replication primary or
 //! standby. One concern per submodule.
 
+pub mod archiver;
 pub mod binaries;
 pub mod config;
 pub mod controldata;

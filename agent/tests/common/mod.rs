@@ -62,6 +62,12 @@ impl Lab {
     /// A loopback instance in `<tmp>/<name>`, archiving into the repository under `stanza`
     /// (or not archiving).
     pub fn instance(&self, name: &str, stanza: &str, archive: bool) -> (Instance, Stop) {
+        self.instance_with(name, stanza, archive, 0)
+    }
+
+    /// Like [`Lab::instance`], archiving asynchronously with `processes` background pushes
+    /// (0: synchronously).
+    pub fn instance_with(&self, name: &str, stanza: &str, archive: bool, processes: u16) -> (Instance, Stop) {
         let dir = self.tmp.path().join(name);
         let spec = InstanceSpec {
             cluster_id: stanza.into(),
@@ -71,7 +77,11 @@ impl Lab {
             listen_addresses: "127.0.0.1".into(),
             memory_budget_bytes: 256 << 20,
             cores: 2,
-            archive: archive.then(|| WalArchiving { agent_exe: self.exe.clone(), repo: self.repo.clone() }),
+            archive: archive.then(|| WalArchiving {
+                agent_exe: self.exe.clone(),
+                repo: self.repo.clone(),
+                async_processes: processes,
+            }),
         };
         let stop =
             Stop { pg_ctl: self.bins.bin("pg_ctl"), data_dir: spec.data_dir.clone(), run_as: self.run_as.clone() };

@@ -35,6 +35,9 @@ struct Args {
     /// Keep the work directory (corpus, repositories) for inspection.
     #[arg(long)]
     keep: bool,
+    /// Work in this directory (kept), reusing the corpus a previous run left there.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -172,12 +175,30 @@ fn make_corpus(work: &Path, bindir: &Path, args: &Args) -> Result<(PathBuf, Path
         };
         eprintln!("archive-bench: pgbench -i -s {}", args.scale);
         pgbench(&["-i", "-q", "-s", &args.scale.to_string()])?;
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let psql = |sql: &str| -> Result<()> {
+            run(
+                as_postgres(&bindir.join("psql"))
+                    .arg("-h")
+                    .arg(&sock)
+                    .args(["-p", &port, "-U", "postgres", "-qAt", "-c", sql, "postgres"]),
+                "psql",
+            )
+            .map(|_| ())
+        };
+        // OLTP traffic (page images, index updates) alternating with bulk inserts of random
+        // text (hard to compress), until the corpus is complete.
+        psql("CREATE TABLE IF NOT EXISTS filler (id bigserial PRIMARY KEY, v text)")?;
+        let deadline = Instant::now() + Duration::from_secs(900);
         while segment_names(&corpus).len() < args.segments as usize + 1 {
-            ensure!(Instant::now() < deadline, "the corpus did not reach {} segments in 10 minutes", args.segments);
-            eprintln!("archive-bench: corpus has {} segments; pgbench -T 10", segment_names(&corpus).len());
-            pgbench(&["-T", "10", "-c", "4", "-j", "2", "-n"])?;
+            ensure!(Instant::now() < deadline, "the corpus did not reach {} segments in 15 minutes", args.segments);
+            eprintln!("archive-bench: corpus has {} of {} segments", segment_names(&corpus).len(), args.segments);
+            pgbench(&["-T", "5", "-c", "4", "-j", "2", "-n"])?;
+            psql(
+                "INSERT INTO filler (v) SELECT md5(random()::text) || md5(random()::text) || md5(random()::text) \
+                 FROM generate_series(1, 150000)",
+            )?;
         }
+        psql("SELECT pg_switch_wal()")?;
         Ok(())
     })();
     let _ = run(
@@ -233,6 +254,9 @@ fn measure(
         cmd.current_dir(pgdata);
         run(&mut cmd, &format!("{tool} archive-push {n}"))?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
+        // as PostgreSQL's archiver does once archive_command succeeded
+        let status = pgdata.join("pg_wal").join("archive_status");
+        std::fs::rename(status.join(format!("{n}.ready")), status.join(format!("{n}.done")))?;
         if (i + 1) % 16 == 0 {
             eprintln!("archive-bench: {tool} {mode}: {}/{} segments", i + 1, names.len());
         }
@@ -291,19 +315,45 @@ fn bench(work: &Path, args: &Args) -> Result<Vec<Result1>> {
     let steward_copy = work.join("steward-agent");
     std::fs::copy(&steward, &steward_copy)?;
     let bindir = pg_bindir()?;
-    let (pgdata, corpus, names) = make_corpus(work, &bindir, args)?;
+    let reuse =
+        segment_names(&work.join("corpus")).len() > args.segments as usize && work.join("pgdata/PG_VERSION").is_file();
+    let (pgdata, corpus, names) = if reuse {
+        eprintln!("archive-bench: reusing the corpus in {}", work.display());
+        let corpus = work.join("corpus");
+        let names = segment_names(&corpus).into_iter().take(args.segments as usize).collect();
+        (work.join("pgdata"), corpus, names)
+    } else {
+        make_corpus(work, &bindir, args)?
+    };
+    for n in
+        ["steward-zstd-0", "steward-lz4-0", "steward-zstd-2", "steward-lz4-2", "pgbackrest-sync", "pgbackrest-async"]
+    {
+        let _ = std::fs::remove_dir_all(work.join(n));
+    }
     eprintln!("archive-bench: corpus of {} segments ready", names.len());
     let mut results = Vec::new();
 
-    for (mode, compress) in [("sync, zstd-1", "zstd"), ("sync, lz4", "lz4")] {
-        let name = format!("steward-{compress}");
+    let steward_modes = [
+        ("sync, zstd-1", "zstd", 0u16),
+        ("sync, lz4", "lz4", 0),
+        ("async, zstd-1, 2 processes", "zstd", 2),
+        ("async, lz4, 2 processes", "lz4", 2),
+    ];
+    for (mode, compress, processes) in steward_modes {
+        let name = format!("steward-{compress}-{processes}");
         let copy = stage(work, &name, &pgdata, &corpus, &names)?;
         let repo = work.join(&name).join("repo");
+        let spool = work.join(&name).join("spool");
         std::fs::create_dir_all(&repo)?;
-        chown_postgres(&repo)?;
+        std::fs::create_dir_all(&spool)?;
+        chown_postgres(&work.join(&name))?;
         let r = measure("steward-agent", mode, &copy, &names, &repo, |p| {
             let mut c = as_postgres(&steward_copy);
-            c.args(["archive-push", "--repo"]).arg(&repo).args(["--stanza", "bench", "--compress", compress, p]);
+            c.args(["archive-push", "--repo"]).arg(&repo).args(["--stanza", "bench", "--compress", compress]);
+            if processes > 0 {
+                c.arg("--spool").arg(&spool).args(["--process-max", &processes.to_string()]);
+            }
+            c.arg(p);
             c
         })?;
         results.push(r);
@@ -339,18 +389,24 @@ fn main() -> ExitCode {
         eprintln!("archive-bench: run as root (PostgreSQL runs as postgres through runuser)");
         return ExitCode::from(2);
     }
-    let work = match tempfile::Builder::new().prefix("steward-archive-bench-").tempdir_in("/tmp") {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("archive-bench: cannot create a work directory: {e}");
-            return ExitCode::from(2);
+    let result = match &args.work_dir {
+        Some(dir) => std::fs::create_dir_all(dir).map_err(anyhow::Error::from).and_then(|()| bench(dir, &args)),
+        None => {
+            let work = match tempfile::Builder::new().prefix("steward-archive-bench-").tempdir_in("/tmp") {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("archive-bench: cannot create a work directory: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let result = bench(work.path(), &args);
+            if args.keep {
+                let kept = work.keep();
+                eprintln!("archive-bench: work directory kept at {}", kept.display());
+            }
+            result
         }
     };
-    let result = bench(work.path(), &args);
-    if args.keep {
-        let kept = work.keep();
-        eprintln!("archive-bench: work directory kept at {}", kept.display());
-    }
     match result {
         Ok(results) => {
             match args.output {
