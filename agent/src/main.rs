@@ -87,7 +87,6 @@ async fn run_daemon(args: AgentArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let daemon = matches!(cli.command, Cmd::Run(_));
     match &cli.command {
         Cmd::Run(_) => init_logging("info,sqlx=warn,h2=warn,tower=warn", false),
         // run by PostgreSQL, which copies stderr into its log: quiet unless something is wrong
@@ -95,7 +94,9 @@ fn main() -> ExitCode {
         // operator commands: progress on stderr, results on stdout
         _ => init_logging("info", true),
     }
-    let rt = match runtime(daemon) {
+    // The daemon and the operator commands work in parallel; archive-push/-get are one-shot.
+    let short = matches!(cli.command, Cmd::ArchivePush(_) | Cmd::ArchiveGet(_) | Cmd::ArchivePushQueue(_));
+    let rt = match runtime(!short) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("steward-agent: cannot start the async runtime: {e}");

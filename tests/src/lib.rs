@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod benchkit;
 pub mod fleet;
 pub mod netns;
 pub mod sim;

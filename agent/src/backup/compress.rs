@@ -58,6 +58,15 @@ impl Compression {
         }
     }
 
+    /// A reader of the decompressed contents of `data`, for streaming large objects.
+    pub fn reader<'a>(self, data: &'a [u8]) -> std::io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(data)?),
+            Compression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(data)),
+            Compression::None => Box::new(data),
+        })
+    }
+
     /// Decompresses what [`Compression::compress`] made, refusing to grow past `limit` bytes
     /// (a corrupt or hostile object must not exhaust memory).
     pub fn decompress(self, data: &[u8], limit: usize) -> std::io::Result<Vec<u8>> {

@@ -89,6 +89,36 @@ pub fn apply(mut base: Vec<u8>, delta: &[u8]) -> Result<Vec<u8>, String> {
     Ok(base)
 }
 
+/// Like [`apply`], on a file holding the base version: writes the pages in place and cuts or
+/// extends the file to the recorded size, which it returns.
+pub fn apply_to_file(file: &std::fs::File, delta: &[u8]) -> Result<u64, String> {
+    use std::os::unix::fs::FileExt;
+    let header = delta.get(0..24).ok_or("page delta shorter than its header")?;
+    if &header[0..8] != MAGIC {
+        return Err("not a page delta (bad magic)".into());
+    }
+    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let page_size = le32(&header[8..12]) as usize;
+    let mut size_bytes = [0u8; 8];
+    size_bytes.copy_from_slice(&header[12..20]);
+    let size = u64::from_le_bytes(size_bytes);
+    let count = le32(&header[20..24]) as usize;
+    if page_size == 0 || delta.len() != 24 + count * (4 + page_size) {
+        return Err(format!("page delta of {} bytes does not hold {count} pages of {page_size}", delta.len()));
+    }
+    file.set_len(size).map_err(|e| format!("resizing: {e}"))?;
+    for i in 0..count {
+        let at = 24 + i * (4 + page_size);
+        let start = u64::from(le32(&delta[at..at + 4])) * page_size as u64;
+        if start >= size {
+            return Err(format!("a page lies past the file's end ({size} bytes)"));
+        }
+        let len = (page_size as u64).min(size - start) as usize;
+        file.write_all_at(&delta[at + 4..at + 4 + len], start).map_err(|e| format!("writing a page: {e}"))?;
+    }
+    Ok(size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +167,14 @@ mod tests {
         let mut bad = encode(&new, 64, &[1]);
         bad.pop();
         assert!(apply(old.clone(), &bad).is_err());
-        assert!(apply(old, b"garbage").is_err());
+        assert!(apply(old.clone(), b"garbage").is_err());
+        // the same on a file
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &old).unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let delta = encode(&new, 64, &changed_pages(&new, 64, 3, 250));
+        assert_eq!(apply_to_file(&f, &delta).unwrap(), new.len() as u64);
+        assert_eq!(std::fs::read(&path).unwrap(), new);
     }
 }

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
+use steward_tests::benchkit::{
+    as_postgres, chown_postgres, dir_bytes, percentile, pg_bindir, pgbackrest_conf, run, segment_names,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "archive-bench", about = "WAL archive-push throughput: steward-agent vs pgBackRest (needs root)")]
@@ -61,68 +64,6 @@ struct Result1 {
     ack_max_ms: f64,
     stored_mib: f64,
     ratio: f64,
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    ensure!(
-        out.status.success(),
-        "{what} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A command run as the `postgres` OS user.
-fn as_postgres(program: &Path) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--"]).arg(program);
-    c
-}
-
-fn pg_bindir() -> Result<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("no /usr/lib/postgresql: install postgresql")?
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .filter(|p| p.join("pgbench").is_file())
-        .collect();
-    found.sort();
-    found.pop().context("no PostgreSQL with pgbench under /usr/lib/postgresql")
-}
-
-fn chown_postgres(path: &Path) -> Result<()> {
-    run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(path), "chown")?;
-    Ok(())
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
-
-fn segment_names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
-        .collect();
-    v.sort();
-    v
 }
 
 /// Generates the corpus: returns PGDATA (stopped) and the corpus directory.
@@ -229,14 +170,6 @@ fn stage(work: &Path, name: &str, pgdata: &Path, corpus: &Path, names: &[String]
     Ok(copy)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
 /// Calls `push(segment)` for every segment in order, from PGDATA, as the archiver does.
 fn measure(
     tool: &str,
@@ -278,25 +211,6 @@ fn measure(
         stored_mib: stored / (1024.0 * 1024.0),
         ratio: if stored > 0.0 { raw / stored } else { 0.0 },
     })
-}
-
-fn pgbackrest_conf(dir: &Path, pgdata: &Path, asynchronous: bool, processes: u32) -> Result<PathBuf> {
-    let conf = dir.join("pgbackrest.conf");
-    let text = format!(
-        "[global]\nrepo1-path={}\ncompress-type=zst\ncompress-level=1\narchive-async={}\nspool-path={}\n\
-         process-max={processes}\nlog-level-console=warn\nlog-level-file=off\nlock-path={}\n\n[bench]\npg1-path={}\n",
-        dir.join("repo").display(),
-        if asynchronous { "y" } else { "n" },
-        dir.join("spool").display(),
-        dir.join("lock").display(),
-        pgdata.display()
-    );
-    std::fs::write(&conf, text)?;
-    for d in ["repo", "spool", "lock"] {
-        std::fs::create_dir_all(dir.join(d))?;
-    }
-    chown_postgres(dir)?;
-    Ok(conf)
 }
 
 fn bench(work: &Path, args: &Args) -> Result<Vec<Result1>> {
@@ -364,7 +278,7 @@ fn bench(work: &Path, args: &Args) -> Result<Vec<Result1>> {
         let name = format!("pgbackrest-{}", if asynchronous { "async" } else { "sync" });
         let copy = stage(work, &name, &pgdata, &corpus, &names)?;
         let dir = work.join(&name);
-        let conf = pgbackrest_conf(&dir, &copy, asynchronous, processes)?;
+        let conf = pgbackrest_conf(&dir, &copy, asynchronous, processes, "")?;
         run(
             as_postgres(&pgbackrest).arg(format!("--config={}", conf.display())).args([
                 "--stanza=bench",
@@ -441,19 +355,5 @@ fn main() -> ExitCode {
             eprintln!("archive-bench: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&[7.0], 99.0), 7.0);
-        assert_eq!(percentile(&[], 50.0), 0.0);
     }
 }
