@@ -84,27 +84,11 @@ mod tests {
         let full = new_label(BackupKind::Full, None, t);
         assert_eq!(full, "20261125-021005F");
         assert_eq!(new_label(BackupKind::Incr, None, t), "20261125-021005F", "no prior: full");
-        let prior = Manifest {
-            format: 1,
-            label: "20261125-010000F_20261125-020000I".into(),
-            kind: BackupKind::Incr,
-            prior: Some("20261125-010000F".into()),
-            system_identifier: "1".into(),
-            pg_major: 15,
-            block_size: 8192,
-            timeline: 1,
-            start_lsn: "0/0".into(),
-            stop_lsn: "0/0".into(),
-            start_wal: String::new(),
-            stop_wal: String::new(),
-            started_at: String::new(),
-            stopped_at: String::new(),
-            backup_label: String::new(),
-            directories: vec![],
-            files: vec![],
-            size_bytes: 0,
-            stored_bytes: 0,
-        };
+        let prior = crate::backup::manifest::test_manifest(
+            "20261125-010000F_20261125-020000I",
+            Some("20261125-010000F"),
+            "2026-11-25T02:00:00Z",
+        );
         assert_eq!(new_label(BackupKind::Incr, Some(&prior), t), "20261125-010000F_20261125-021005I");
     }
 }

@@ -110,30 +110,9 @@ pub async fn expire(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::manifest::BackupKind;
 
     fn m(label: &str, prior: Option<&str>, stopped: &str) -> Manifest {
-        Manifest {
-            format: 1,
-            label: label.into(),
-            kind: if prior.is_some() { BackupKind::Incr } else { BackupKind::Full },
-            prior: prior.map(Into::into),
-            system_identifier: "1".into(),
-            pg_major: 15,
-            block_size: 8192,
-            timeline: 1,
-            start_lsn: "0/0".into(),
-            stop_lsn: "0/0".into(),
-            start_wal: String::new(),
-            stop_wal: String::new(),
-            started_at: stopped.into(),
-            stopped_at: stopped.into(),
-            backup_label: String::new(),
-            directories: vec![],
-            files: vec![],
-            size_bytes: 0,
-            stored_bytes: 0,
-        }
+        crate::backup::manifest::test_manifest(label, prior, stopped)
     }
 
     #[test]

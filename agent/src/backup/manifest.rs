@@ -87,3 +87,29 @@ impl Manifest {
         self.files.binary_search_by(|f| f.path.as_str().cmp(path)).ok().map(|i| &self.files[i])
     }
 }
+
+/// A manifest with no files, for unit tests of catalog and retention logic.
+#[cfg(test)]
+pub fn test_manifest(label: &str, prior: Option<&str>, stopped_at: &str) -> Manifest {
+    Manifest {
+        format: MANIFEST_FORMAT,
+        label: label.into(),
+        kind: if prior.is_some() { BackupKind::Incr } else { BackupKind::Full },
+        prior: prior.map(Into::into),
+        system_identifier: "1".into(),
+        pg_major: 15,
+        block_size: 8192,
+        timeline: 1,
+        start_lsn: "0/0".into(),
+        stop_lsn: "0/0".into(),
+        start_wal: String::new(),
+        stop_wal: String::new(),
+        started_at: stopped_at.into(),
+        stopped_at: stopped_at.into(),
+        backup_label: String::new(),
+        directories: vec![],
+        files: vec![],
+        size_bytes: 0,
+        stored_bytes: 0,
+    }
+}

@@ -60,21 +60,30 @@ pub fn encode(data: &[u8], page_size: usize, pages: &[u32]) -> Vec<u8> {
     out
 }
 
-/// Lays the pages of `delta` over `base` and cuts or extends it to the recorded file size.
-pub fn apply(mut base: Vec<u8>, delta: &[u8]) -> Result<Vec<u8>, String> {
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Checks a delta's header and length; returns (page size, file size, page count).
+fn parse_header(delta: &[u8]) -> Result<(usize, u64, usize), String> {
     let header = delta.get(0..24).ok_or("page delta shorter than its header")?;
     if &header[0..8] != MAGIC {
         return Err("not a page delta (bad magic)".into());
     }
-    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let page_size = le32(&header[8..12]) as usize;
     let mut size_bytes = [0u8; 8];
     size_bytes.copy_from_slice(&header[12..20]);
-    let size = usize::try_from(u64::from_le_bytes(size_bytes)).map_err(|_| "file size too large")?;
     let count = le32(&header[20..24]) as usize;
     if page_size == 0 || delta.len() != 24 + count * (4 + page_size) {
         return Err(format!("page delta of {} bytes does not hold {count} pages of {page_size}", delta.len()));
     }
+    Ok((page_size, u64::from_le_bytes(size_bytes), count))
+}
+
+/// Lays the pages of `delta` over `base` and cuts or extends it to the recorded file size.
+pub fn apply(mut base: Vec<u8>, delta: &[u8]) -> Result<Vec<u8>, String> {
+    let (page_size, size, count) = parse_header(delta)?;
+    let size = usize::try_from(size).map_err(|_| "file size too large")?;
     base.resize(size, 0);
     for i in 0..count {
         let at = 24 + i * (4 + page_size);
@@ -93,19 +102,7 @@ pub fn apply(mut base: Vec<u8>, delta: &[u8]) -> Result<Vec<u8>, String> {
 /// extends the file to the recorded size, which it returns.
 pub fn apply_to_file(file: &std::fs::File, delta: &[u8]) -> Result<u64, String> {
     use std::os::unix::fs::FileExt;
-    let header = delta.get(0..24).ok_or("page delta shorter than its header")?;
-    if &header[0..8] != MAGIC {
-        return Err("not a page delta (bad magic)".into());
-    }
-    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let page_size = le32(&header[8..12]) as usize;
-    let mut size_bytes = [0u8; 8];
-    size_bytes.copy_from_slice(&header[12..20]);
-    let size = u64::from_le_bytes(size_bytes);
-    let count = le32(&header[20..24]) as usize;
-    if page_size == 0 || delta.len() != 24 + count * (4 + page_size) {
-        return Err(format!("page delta of {} bytes does not hold {count} pages of {page_size}", delta.len()));
-    }
+    let (page_size, size, count) = parse_header(delta)?;
     file.set_len(size).map_err(|e| format!("resizing: {e}"))?;
     for i in 0..count {
         let at = 24 + i * (4 + page_size);
