@@ -189,13 +189,17 @@ impl Fleet {
         let (failed, last_failed): (i64, String) = (row.get(0), row.get(1));
         let timeline = c.members.iter().find(|m| m.host_id == c.primary_host).map(|m| m.timeline).unwrap_or(1);
         ensure!(failed == 0, "archive_command failed {failed} times on the primary (last for {last_failed})");
-        // The control plane exports what the primary's agent reports about archiving.
-        let node = self.live_node()?;
+        // The control plane exports what the primary's agent reports about archiving (the leader
+        // does: heartbeats reach it alone), so look at every live node's /metrics.
         let prefix = format!("steward_archive_failures_total{{cluster=\"{}\",host=\"{}\"}} ", c.id, c.primary_host);
         let age_prefix = format!("steward_archive_last_success_age_seconds{{cluster=\"{}\",", c.id);
         wait_for("archiving metrics of the current primary", Duration::from_secs(30), || async {
-            let (_, m) = self.rest.send(reqwest::Method::GET, &node.url("/metrics"), None, None).await?;
-            let text = m.as_str().unwrap_or("").to_string();
+            let mut text = String::new();
+            for node in self.nodes.iter().filter(|n| n.proc.is_some()) {
+                if let Ok((_, m)) = self.rest.send(reqwest::Method::GET, &node.url("/metrics"), None, None).await {
+                    text.push_str(m.as_str().unwrap_or(""));
+                }
+            }
             let failures =
                 text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map(str::trim).map(str::to_string);
             let age = text

@@ -47,14 +47,21 @@ async fn await_failover(s: &Setup, old: &str, broken_at: Instant) -> Result<Dura
 }
 
 async fn finish(s: Setup, old: &str, broken_at: Instant) -> Result<()> {
+    let last_seen = std::sync::Mutex::new(String::new());
     wait_for("the old primary to rejoin as a standby", Duration::from_secs(120), || async {
         let c = s.fleet.cluster().await?;
+        if let Ok(mut l) = last_seen.lock() {
+            *l = format!("{:?}", c.members);
+        }
         Ok(c.members
             .iter()
             .any(|m| m.host_id == old && m.role == "standby" && m.running && m.in_recovery)
             .then_some(()))
     })
-    .await?;
+    .await
+    .map_err(|e| {
+        e.context(format!("members as last seen: {}", last_seen.lock().map(|l| l.clone()).unwrap_or_default()))
+    })?;
     let mut acks = s.writer.finish().await;
     println!("longest write pause after the fault: {:?}", longest_pause(&acks, broken_at));
     acks.extend(s.pinned.finish().await);

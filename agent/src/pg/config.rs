@@ -123,6 +123,11 @@ pub fn render_replication_conf(role: &Role, application_name: &str, passfile: &P
             s.push_str(&format!("primary_slot_name = {}\n", conf_quote(slot_name)));
             s.push_str("hot_standby = on\n");
             s.push_str("recovery_target_timeline = 'latest'\n");
+            // How long the startup process sleeps after both streaming and the archive came up
+            // empty. A promotion that arrives in that state (the upstream died a moment ago)
+            // waits out the rest of the sleep before it ends recovery: PostgreSQL's 5 s default
+            // outlasts the new primary's lease.
+            s.push_str("wal_retrieve_retry_interval = '200ms'\n");
             s.push_str("synchronous_standby_names = ''\n");
         }
     }
@@ -328,6 +333,7 @@ restore_command = '/usr/bin/steward-agent archive-get --repo ''/srv/it''\\''''s 
              primary_slot_name = 'steward_h2'\n\
              hot_standby = on\n\
              recovery_target_timeline = 'latest'\n\
+             wal_retrieve_retry_interval = '200ms'\n\
              synchronous_standby_names = ''\n"
         );
         assert!(!conf.contains("secret"), "the password must stay in the passfile");

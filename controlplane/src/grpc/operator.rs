@@ -154,7 +154,12 @@ impl Operator for OperatorService {
     }
 
     async fn list_hosts(&self, req: Request<ListHostsRequest>) -> Result<Response<ListHostsReply>, Status> {
-        authorize(&req, &self.admin_token_hash)?;
+        let token = authorize(&req, &self.admin_token_hash)?;
+        // Heartbeats reach the leader only: it alone knows when each host was last heard.
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.list_hosts(Self::forwarded(&token, req.into_inner())?).await;
+        }
         self.read().await?;
         let hosts = query::hosts(self.node.store.pool()).await.map_err(internal)?;
         let hosts = hosts
@@ -177,7 +182,13 @@ impl Operator for OperatorService {
     }
 
     async fn list_clusters(&self, req: Request<ListClustersRequest>) -> Result<Response<ListClustersReply>, Status> {
-        authorize(&req, &self.admin_token_hash)?;
+        let token = authorize(&req, &self.admin_token_hash)?;
+        // Members' observed state (running, recovery, LSNs) comes from heartbeats, which only the
+        // leader receives: a follower would report every member stopped.
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.list_clusters(Self::forwarded(&token, req.into_inner())?).await;
+        }
         self.read().await?;
         let pool = self.node.store.pool();
         let counts = query::database_counts(pool).await.map_err(internal)?;
