@@ -106,14 +106,7 @@ fn restore_file(
 ) -> Result<(), BackupError> {
     use std::io::Read;
     let corrupt = |key: &str, why: String| BackupError::Corrupt { key: key.to_string(), why };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| BackupError::io("create", path, e))?;
+    let mut file = create_private(path)?;
     let (key, compression, packed) = base;
     let mut reader = compression.reader(packed).map_err(|e| corrupt(key, format!("does not decompress: {e}")))?;
     let mut hasher = Sha256::new();
@@ -250,14 +243,21 @@ pub fn recovery_settings(exe: &Path, repo: &str, stanza: &str, target: &Recovery
     s
 }
 
-fn write_file(path: &Path, data: &[u8], mode: u32, run_as: &RunAs) -> Result<(), BackupError> {
-    let mut f = std::fs::OpenOptions::new()
+/// Creates (or empties) `path`, readable and writable by its owner only until the restore sets
+/// the file's own mode.
+fn create_private(path: &Path) -> Result<std::fs::File, BackupError> {
+    std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| BackupError::io("create", path, e))?;
+        .map_err(|e| BackupError::io("create", path, e))
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32, run_as: &RunAs) -> Result<(), BackupError> {
+    let mut f = create_private(path)?;
     // no fsync per file: the restore syncs the whole filesystem once at the end
     f.write_all(data).map_err(|e| BackupError::io("write", path, e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
