@@ -93,8 +93,13 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
 
     // Restore the incremental chain into a new directory and recover to the target.
     let (restored, _stop2) = lab.instance("restored", "restored-copy", false);
-    let ropts =
-        RestoreOptions { label: None, target: RecoveryTarget::Time(target), agent_exe: lab.exe.clone(), parallel: 2 };
+    let ropts = RestoreOptions {
+        label: None,
+        target: RecoveryTarget::Time(target),
+        agent_exe: lab.exe.clone(),
+        parallel: 2,
+        delta: false,
+    };
     let report = backup::restore(&repo, stanza, &restored.spec().data_dir, &lab.run_as, &ropts).await.expect("restore");
     assert_eq!(report.label, incr.label, "the newest backup before the target is the incremental one");
     restored.write_config().await.expect("config of the restored server");
@@ -115,9 +120,28 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
     drop(rc);
     restored.stop().await.expect("stop restored");
 
-    // Restoring into a directory that is not empty is refused.
+    // Restoring into a directory that is not empty is refused; a delta restore over it, to the
+    // latest archived WAL, keeps what matches and brings every commit back.
     let err = backup::restore(&repo, stanza, &restored.spec().data_dir, &lab.run_as, &ropts).await.unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
+    let delta = RestoreOptions { target: RecoveryTarget::Latest, delta: true, ..ropts.clone() };
+    let report =
+        backup::restore(&repo, stanza, &restored.spec().data_dir, &lab.run_as, &delta).await.expect("delta restore");
+    assert!(report.unchanged > report.files / 2, "most files match: {report:?}");
+    assert!(report.unchanged < report.files, "recovery changed some files: {report:?}");
+    restored.write_config().await.expect("config");
+    restored.start().await.expect("start after the delta restore");
+    let rc = restored.superuser_client().await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rc.query_one("SELECT pg_is_in_recovery()", &[]).await.expect("recovery state").get::<_, bool>(0) {
+        assert!(Instant::now() < deadline, "no end of recovery within 60 s after the delta restore");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let notes: Vec<String> =
+        rc.query("SELECT note FROM events ORDER BY id", &[]).await.expect("events").iter().map(|r| r.get(0)).collect();
+    assert_eq!(notes, vec!["before", "after", "later"], "a restore to the latest WAL has every commit");
+    drop(rc);
+    restored.stop().await.expect("stop restored");
 
     // The operator commands: verify, info, a third (full) backup, expire.
     let repo_s = lab.repo.display().to_string();

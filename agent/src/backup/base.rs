@@ -63,15 +63,16 @@ impl Default for BackupOptions {
     }
 }
 
-/// One file or directory found in PGDATA.
+/// One file found in PGDATA.
 #[derive(Debug)]
-struct Found {
-    rel: String,
+pub(crate) struct Found {
+    /// Relative to PGDATA.
+    pub(crate) rel: String,
     mode: u32,
 }
 
 /// Lists PGDATA: directories, and the files to back up, sorted.
-fn walk(pg_data: &Path) -> Result<(Vec<String>, Vec<Found>), BackupError> {
+pub(crate) fn walk(pg_data: &Path) -> Result<(Vec<String>, Vec<Found>), BackupError> {
     let mut dirs = Vec::new();
     let mut files = Vec::new();
     let mut stack = vec![(pg_data.to_path_buf(), String::new())];

@@ -68,6 +68,10 @@ pub struct RestoreArgs {
     /// Files rebuilt at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
+    /// Restore over an existing, stopped PGDATA: files that already match are kept, the rest
+    /// rewritten, and what the backup does not have (WAL in pg_wal too) removed.
+    #[arg(long)]
+    pub delta: bool,
 }
 
 /// Flags of `steward-agent info`.
@@ -186,8 +190,13 @@ pub async fn restore(args: RestoreArgs) -> ExitCode {
             (None, None) => RecoveryTarget::Latest,
         };
         let agent_exe = std::env::current_exe().map_err(|e| BackupError::io("find", "steward-agent", e))?;
-        let opts =
-            RestoreOptions { label: args.label.clone(), target, agent_exe, parallel: usize::from(args.parallel) };
+        let opts = RestoreOptions {
+            label: args.label.clone(),
+            target,
+            agent_exe,
+            parallel: usize::from(args.parallel),
+            delta: args.delta,
+        };
         let repo = Repository::open(&args.repo.repo)?;
         restoring::restore(&repo, &args.repo.stanza, &args.pg_data, &RunAs::detect()?, &opts).await
     }
@@ -195,10 +204,12 @@ pub async fn restore(args: RestoreArgs) -> ExitCode {
     match result {
         Ok(r) => {
             println!(
-                "restored backup {} into {}: {} files, {} bytes. Start PostgreSQL on it to replay the archive{}.",
+                "restored backup {} into {}: {} files ({} already matched), {} bytes written. Start PostgreSQL \
+                 on it to replay the archive{}.",
                 r.label,
                 args.pg_data.display(),
                 r.files,
+                r.unchanged,
                 r.bytes,
                 if args.target_time.is_some() || args.target_lsn.is_some() { " to the target and promote" } else { "" }
             );

@@ -39,6 +39,9 @@ pub struct RestoreOptions {
     pub agent_exe: PathBuf,
     /// Files rebuilt at once.
     pub parallel: usize,
+    /// Restore over an existing (stopped) PGDATA: keep files that already match the manifest,
+    /// rewrite the others, remove what the backup does not have (WAL in pg_wal included).
+    pub delta: bool,
 }
 
 /// What a restore did.
@@ -46,7 +49,72 @@ pub struct RestoreOptions {
 pub struct RestoreReport {
     pub label: String,
     pub files: usize,
+    /// Bytes written.
     pub bytes: u64,
+    /// Files of a delta restore that already matched and were kept.
+    pub unchanged: usize,
+}
+
+/// Readies an existing PGDATA for a delta restore of `m`: removes files and directories the
+/// backup does not have, the WAL in pg_wal and recovery leftovers, and returns the files that
+/// already match the manifest (size and SHA-256).
+fn tidy_for_delta(pg_data: &Path, m: &Manifest) -> Result<std::collections::HashSet<String>, BackupError> {
+    use std::io::Read;
+    let (dirs, files) = super::base::walk(pg_data)?;
+    let keep_dirs: std::collections::HashSet<&str> = m.directories.iter().map(String::as_str).collect();
+    // deepest first, so a removed parent never hides a child from this loop
+    for d in dirs.iter().rev() {
+        if !keep_dirs.contains(d.as_str()) {
+            let p = pg_data.join(d);
+            if p.exists() {
+                std::fs::remove_dir_all(&p).map_err(|e| BackupError::io("remove", &p, e))?;
+            }
+        }
+    }
+    let mut unchanged = std::collections::HashSet::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let p = pg_data.join(&f.rel);
+        if !p.exists() {
+            continue; // inside a directory removed above
+        }
+        let Some(entry) = m.file(&f.rel) else {
+            std::fs::remove_file(&p).map_err(|e| BackupError::io("remove", &p, e))?;
+            continue;
+        };
+        let len = std::fs::metadata(&p).map_err(|e| BackupError::io("stat", &p, e))?.len();
+        if len != entry.size {
+            continue;
+        }
+        let mut hasher = Sha256::new();
+        let mut file = std::fs::File::open(&p).map_err(|e| BackupError::io("read", &p, e))?;
+        loop {
+            let n = file.read(&mut buf).map_err(|e| BackupError::io("read", &p, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        if hex::encode(hasher.finalize()) == entry.sha256 {
+            unchanged.insert(f.rel);
+        }
+    }
+    for dir in ["pg_wal/archive_status", "pg_wal"] {
+        for e in std::fs::read_dir(pg_data.join(dir)).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_file()) {
+                std::fs::remove_file(e.path()).map_err(|err| BackupError::io("remove", e.path(), err))?;
+            }
+        }
+    }
+    for name in
+        ["backup_label", "backup_label.old", "recovery.signal", "standby.signal", "tablespace_map", "postmaster.opts"]
+    {
+        let p = pg_data.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| BackupError::io("remove", &p, e))?;
+        }
+    }
+    Ok(unchanged)
 }
 
 /// Picks the backup to restore for `opts`.
@@ -278,22 +346,47 @@ pub async fn restore(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, BackupError> {
     super::archive::check_stanza(stanza)?;
-    match std::fs::read_dir(pg_data) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(BackupError::Refused(format!(
-                    "{} is not empty: restore into a new directory (nothing there is overwritten)",
-                    pg_data.display()
-                )));
-            }
+    if opts.delta {
+        if !pg_data.join("PG_VERSION").is_file() {
+            return Err(BackupError::Refused(format!(
+                "{} holds no PostgreSQL data directory: a delta restore works over one; restore without --delta",
+                pg_data.display()
+            )));
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(BackupError::io("inspect", pg_data, e)),
+        if pg_data.join("postmaster.pid").exists() {
+            return Err(BackupError::Refused(format!(
+                "{} has a postmaster.pid: stop PostgreSQL before a delta restore (or remove the file if no server runs)",
+                pg_data.display()
+            )));
+        }
+    } else {
+        match std::fs::read_dir(pg_data) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(BackupError::Refused(format!(
+                        "{} is not empty: restore into a new directory (nothing there is overwritten), \
+                         or pass --delta to restore over a stopped PostgreSQL data directory",
+                        pg_data.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BackupError::io("inspect", pg_data, e)),
+        }
     }
     let top = choose(repo, stanza, opts).await?;
     let label = top.label.clone();
     let chain = catalog::chain(repo, stanza, top).await?;
-    tracing::info!(stanza, %label, chain = chain.len(), files = chain[0].files.len(), "restoring backup");
+    tracing::info!(stanza, %label, chain = chain.len(), files = chain[0].files.len(), delta = opts.delta, "restoring backup");
+    let unchanged = if opts.delta {
+        let (dir, m) = (pg_data.to_path_buf(), chain[0].clone());
+        tokio::task::spawn_blocking(move || tidy_for_delta(&dir, &m))
+            .await
+            .map_err(|e| BackupError::Task(e.to_string()))??
+    } else {
+        Default::default()
+    };
+    let unchanged = &unchanged;
 
     std::fs::create_dir_all(pg_data).map_err(|e| BackupError::io("create", pg_data, e))?;
     std::fs::set_permissions(pg_data, std::fs::Permissions::from_mode(0o700))
@@ -315,7 +408,7 @@ pub async fn restore(
     }
 
     let chain = &chain;
-    let bytes: u64 = stream::iter(chain[0].files.iter())
+    let bytes: u64 = stream::iter(chain[0].files.iter().filter(|f| !unchanged.contains(&f.path)))
         .map(|f| async move {
             let (base, deltas) = fetch_objects(repo, chain, f).await?;
             let (entry, path, run_as) = (f.clone(), pg_data.join(&f.path), run_as.clone());
@@ -339,7 +432,8 @@ pub async fn restore(
     let dir = std::fs::File::open(pg_data).map_err(|e| BackupError::io("open", pg_data, e))?;
     nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
         .map_err(|e| BackupError::io("syncfs", pg_data, e.into()))?;
-    let report = RestoreReport { label: chain[0].label.clone(), files: chain[0].files.len(), bytes };
+    let report =
+        RestoreReport { label: chain[0].label.clone(), files: chain[0].files.len(), bytes, unchanged: unchanged.len() };
     tracing::info!(stanza, label = %report.label, files = report.files, bytes, "backup restored");
     Ok(report)
 }
