@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use steward_agent::backup::cli::{ArchiveGetArgs, ArchivePushArgs, ArchivePushQueueArgs};
+use steward_agent::backup::cli::{ArchiveGetArgs, ArchiveGetQueueArgs, ArchivePushArgs, ArchivePushQueueArgs};
 use steward_agent::backup::commands::{self, BackupArgs, ExpireArgs, InfoArgs, RestoreArgs, VerifyArgs};
 use steward_agent::config::AgentArgs;
 
@@ -37,6 +37,9 @@ enum Cmd {
     /// The background pusher of `archive-push --spool` (started by it; not for direct use).
     #[command(hide = true)]
     ArchivePushQueue(ArchivePushQueueArgs),
+    /// The background fetcher of `archive-get --prefetch` (started by it; not for direct use).
+    #[command(hide = true)]
+    ArchiveGetQueue(ArchiveGetQueueArgs),
     /// Back up a running primary into the repository: full, or incremental (changed pages only).
     ///
     /// Example: steward-agent backup --repo /srv/steward-repo --stanza ha-1 --pg-data /var/lib/steward/agent/clusters/ha-1/pgdata --socket-dir /var/lib/steward/agent/run --type incr
@@ -90,12 +93,17 @@ fn main() -> ExitCode {
     match &cli.command {
         Cmd::Run(_) => init_logging("info,sqlx=warn,h2=warn,tower=warn", false),
         // run by PostgreSQL, which copies stderr into its log: quiet unless something is wrong
-        Cmd::ArchivePush(_) | Cmd::ArchiveGet(_) | Cmd::ArchivePushQueue(_) => init_logging("warn", true),
+        Cmd::ArchivePush(_) | Cmd::ArchiveGet(_) | Cmd::ArchivePushQueue(_) | Cmd::ArchiveGetQueue(_) => {
+            init_logging("warn", true)
+        }
         // operator commands: progress on stderr, results on stdout
         _ => init_logging("info", true),
     }
     // The daemon and the operator commands work in parallel; archive-push/-get are one-shot.
-    let short = matches!(cli.command, Cmd::ArchivePush(_) | Cmd::ArchiveGet(_) | Cmd::ArchivePushQueue(_));
+    let short = matches!(
+        cli.command,
+        Cmd::ArchivePush(_) | Cmd::ArchiveGet(_) | Cmd::ArchivePushQueue(_) | Cmd::ArchiveGetQueue(_)
+    );
     let rt = match runtime(!short) {
         Ok(rt) => rt,
         Err(e) => {
@@ -113,6 +121,7 @@ fn main() -> ExitCode {
         },
         Cmd::ArchivePush(args) => rt.block_on(steward_agent::backup::cli::push(args)),
         Cmd::ArchiveGet(args) => rt.block_on(steward_agent::backup::cli::get(args)),
+        Cmd::ArchiveGetQueue(args) => rt.block_on(steward_agent::backup::cli::get_queue(args)),
         Cmd::ArchivePushQueue(args) => {
             // its own runtime: the pushes run in parallel on worker threads
             let workers = usize::from(args.process_max).max(1);

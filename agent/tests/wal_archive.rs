@@ -137,3 +137,60 @@ async fn asynchronous_archiving_pushes_ahead_through_the_spool() {
     drop(client);
     inst.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_get_prefetches_the_following_segments() {
+    let lab = common::Lab::new("steward-archive-prefetch");
+    let repo = Repository::open(&lab.repo.display().to_string()).expect("repo");
+    let archive = Archive::new(repo, "prefetch").expect("archive");
+    let seg = 1u32 << 16;
+    let names: Vec<String> = (1..=6).map(|i| format!("0000000100000000000000{i:02X}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        let p = lab.tmp.path().join(n);
+        std::fs::write(&p, wal::fake_segment(7_400_000_000_000_000_001, 1, seg, i as u8)).expect("write");
+        archive.push(&p, None, steward_agent::backup::PushOptions::default()).await.expect("push");
+    }
+    let spool = lab.tmp.path().join("prefetch-spool");
+    let repo_s = lab.repo.display().to_string();
+    let spool_s = spool.display().to_string();
+    let get = |name: &str, dest: &std::path::Path| {
+        agent(
+            &lab.exe,
+            &[
+                "archive-get",
+                "--repo",
+                &repo_s,
+                "--stanza",
+                "prefetch",
+                "--prefetch",
+                "3",
+                "--spool",
+                &spool_s,
+                name,
+                &dest.display().to_string(),
+            ],
+        )
+    };
+    let dest = lab.tmp.path().join("RECOVERYXLOG");
+    let out = get(&names[0], &dest);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&dest).expect("restored"), wal::fake_segment(7_400_000_000_000_000_001, 1, seg, 0));
+    // The next three arrive in the spool in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !names[1..4].iter().all(|n| spool.join(n).is_file()) {
+        assert!(std::time::Instant::now() < deadline, "segments 2-4 were not prefetched within 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!spool.join(&names[4]).exists(), "only three ahead");
+    // The next call is served from the spool (its copy moves out) with the right contents.
+    let out = get(&names[1], &dest);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!spool.join(&names[1]).exists());
+    assert_eq!(std::fs::read(&dest).expect("restored"), wal::fake_segment(7_400_000_000_000_000_001, 1, seg, 1));
+    // A prefetch flag without a spool is refused by the command line.
+    let out = agent(
+        &lab.exe,
+        &["archive-get", "--repo", &repo_s, "--stanza", "prefetch", "--prefetch", "3", &names[2], "/tmp/x"],
+    );
+    assert_ne!(code(&out), 0);
+}

@@ -89,6 +89,27 @@ pub struct ArchiveGetArgs {
     pub dest: PathBuf,
     #[command(flatten)]
     pub repo: RepoArgs,
+    /// Fetch this many following segments ahead, in the background, into --spool: recovery
+    /// then finds each next segment waiting.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64), requires = "spool")]
+    pub prefetch: u16,
+    /// Directory for prefetched segments (next to PGDATA, on the same filesystem).
+    #[arg(long)]
+    pub spool: Option<PathBuf>,
+}
+
+/// Flags of the background fetcher `archive-get-queue` (started by archive-get --prefetch).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ArchiveGetQueueArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    #[arg(long)]
+    pub spool: PathBuf,
+    /// The segment recovery asked for; the following ones are fetched.
+    #[arg(long)]
+    pub after: String,
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub count: u16,
 }
 
 fn open(args: &RepoArgs) -> Result<Archive, BackupError> {
@@ -140,37 +161,37 @@ async fn push_async(args: &ArchivePushArgs, spool: &std::path::Path, pg_data: Op
         Err(e) => return fail(&e),
     };
     let start = || {
-        // Its errors go to a log in the spool (and, as .error marks, to the call for each file):
-        // holding the caller's stderr open would keep anyone who captures it waiting.
-        let log_path = spool.join("pusher.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| BackupError::io("open", &log_path, e))?;
-        std::process::Command::new(&exe)
-            .arg("archive-push-queue")
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("archive-push-queue")
             .args(["--repo", &args.repo.repo, "--stanza", &args.repo.stanza, "--pg-data"])
             .arg(&pg_data)
             .arg("--spool")
             .arg(spool)
             .args(["--process-max", &args.process_max.to_string()])
-            .args(["--compress", args.compress.extension_name(), "--compress-level", &args.compress_level.to_string()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            // its own process group: it outlives this call, and PostgreSQL's signals to the
-            // archiver's group do not cut a push in half
-            .process_group(0)
-            .spawn()
-            .map(|_| ())
-            .map_err(|e| BackupError::io("start the background pusher", &exe, e))
+            .args(["--compress", args.compress.extension_name(), "--compress-level", &args.compress_level.to_string()]);
+        spawn_detached(cmd, &spool.join("pusher.log"))
     };
     let spool = super::spool::Spool { dir: spool.to_path_buf() };
     match super::spool::push_via_spool(&spool, name, start).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// Starts a background helper that outlives this call: in its own process group (PostgreSQL's
+/// signals to the archiver's or startup process's group must not cut its work in half), stdin and
+/// stdout closed, stderr appended to `log` (holding the caller's stderr open would keep anyone
+/// who captures it waiting).
+fn spawn_detached(mut cmd: std::process::Command, log: &std::path::Path) -> Result<(), BackupError> {
+    let file =
+        std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(|e| BackupError::io("open", log, e))?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .process_group(0)
+        .spawn()
+        .map(|_| ())
+        .map_err(|e| BackupError::io("start a background helper", log, e))
 }
 
 /// Runs the background pusher of asynchronous mode.
@@ -194,9 +215,60 @@ pub async fn push_queue(args: ArchivePushQueueArgs) -> ExitCode {
     }
 }
 
+/// Starts the background fetcher for the segments after the one just served (best effort:
+/// recovery works without it).
+fn start_prefetch(args: &ArchiveGetArgs, spool: &std::path::Path) {
+    if args.prefetch == 0 || super::prefetch::following(&args.wal_name, 1, 16 << 20).is_empty() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("archive-get-queue")
+        .args(["--repo", &args.repo.repo, "--stanza", &args.repo.stanza, "--spool"])
+        .arg(spool)
+        .args(["--after", &args.wal_name, "--count", &args.prefetch.to_string()]);
+    if let Err(e) = spawn_detached(cmd, &spool.join("prefetch.log")) {
+        tracing::warn!(error = %e, "could not start prefetching");
+    }
+}
+
+/// Runs the background fetcher of archive-get --prefetch.
+pub async fn get_queue(args: ArchiveGetQueueArgs) -> ExitCode {
+    let result = async {
+        let archive = open(&args.repo)?;
+        let size = archive.info().await?.map(|i| i.segment_size()).unwrap_or(16 << 20);
+        let names = super::prefetch::following(&args.after, u32::from(args.count), size);
+        super::prefetch::fill(&archive, &args.spool, &names).await
+    }
+    .await;
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("steward-agent archive-get-queue: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
 /// Runs archive-get; see the module doc for the exit codes.
 pub async fn get(args: ArchiveGetArgs) -> ExitCode {
-    let result = async { open(&args.repo)?.get(&args.wal_name, &args.dest).await }.await;
+    let result = async {
+        if let Some(spool) = &args.spool {
+            std::fs::create_dir_all(spool).map_err(|e| BackupError::io("create", spool, e))?;
+            if super::prefetch::take(spool, &args.wal_name, &args.dest)? {
+                start_prefetch(&args, spool);
+                return Ok(true);
+            }
+        }
+        let found = open(&args.repo)?.get(&args.wal_name, &args.dest).await?;
+        if found {
+            if let Some(spool) = &args.spool {
+                start_prefetch(&args, spool);
+            }
+        }
+        Ok(found)
+    }
+    .await;
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_MISSING),

@@ -15,6 +15,7 @@ pub mod expire;
 pub mod inspect;
 pub mod manifest;
 pub mod pages;
+pub mod prefetch;
 pub mod repo;
 pub mod restore;
 pub mod spool;

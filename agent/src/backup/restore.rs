@@ -28,6 +28,15 @@ pub enum RecoveryTarget {
     Lsn(String),
 }
 
+/// Segments `archive-get` fetches ahead during a restore's recovery.
+pub const PREFETCH: u16 = 4;
+
+/// The prefetch spool of a restored PGDATA: a sibling directory, never inside it.
+pub fn prefetch_spool(pg_data: &Path) -> PathBuf {
+    let name = pg_data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pgdata".into());
+    pg_data.with_file_name(format!("{name}.wal-prefetch"))
+}
+
 /// What to restore, and how.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -287,13 +296,27 @@ async fn rebuild(repo: &Repository, chain: &[Manifest], path: &str) -> Result<Ve
 }
 
 /// The recovery settings appended to `postgresql.auto.conf` (later settings win).
-pub fn recovery_settings(exe: &Path, repo: &str, stanza: &str, target: &RecoveryTarget) -> String {
-    let get = format!(
-        "{} archive-get --repo {} --stanza {} %f %p",
+/// `prefetch`: the spool for fetching the next segments ahead while recovery replays.
+pub fn recovery_settings(
+    exe: &Path,
+    repo: &str,
+    stanza: &str,
+    target: &RecoveryTarget,
+    prefetch: Option<&Path>,
+) -> String {
+    let mut get = format!(
+        "{} archive-get --repo {} --stanza {}",
         sh_quote(&exe.to_string_lossy()).replace('%', "%%"),
         sh_quote(repo).replace('%', "%%"),
         sh_quote(stanza)
     );
+    if let Some(dir) = prefetch {
+        get.push_str(&format!(
+            " --prefetch {PREFETCH} --spool {}",
+            sh_quote(&dir.to_string_lossy()).replace('%', "%%")
+        ));
+    }
+    get.push_str(" %f %p");
     let q = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"));
     let mut s = String::from("\n# steward-agent restore: recover from the WAL archive, then promote\n");
     s.push_str(&format!("restore_command = {}\n", q(&get)));
@@ -425,7 +448,11 @@ pub async fn restore(
     write_file(&pg_data.join("recovery.signal"), b"", 0o600, run_as)?;
     let auto = pg_data.join("postgresql.auto.conf");
     let mut conf = std::fs::read_to_string(&auto).unwrap_or_default();
-    conf.push_str(&recovery_settings(&opts.agent_exe, &repo.location(), stanza, &opts.target));
+    // Prefetch spool next to PGDATA (same filesystem, so a prefetched segment is moved, not copied).
+    let spool = prefetch_spool(pg_data);
+    std::fs::create_dir_all(&spool).map_err(|e| BackupError::io("create", &spool, e))?;
+    run_as.chown(&spool)?;
+    conf.push_str(&recovery_settings(&opts.agent_exe, &repo.location(), stanza, &opts.target, Some(&spool)));
     write_file(&auto, conf.as_bytes(), 0o600, run_as)?;
     // One syncfs for every file and directory written: far cheaper than an fsync per file, and
     // nothing is reported restored before it is on disk.
@@ -469,15 +496,22 @@ mod tests {
     #[test]
     fn recovery_settings_render_targets() {
         let exe = Path::new("/usr/bin/steward-agent");
-        let latest = recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Latest);
+        let latest = recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Latest, None);
         assert!(latest
             .contains("restore_command = '/usr/bin/steward-agent archive-get --repo /srv/repo --stanza db-1 %f %p'"));
         assert!(!latest.contains("recovery_target"));
         let t = chrono::DateTime::parse_from_rfc3339("2026-11-25T02:10:05.5+01:00").unwrap();
-        let s = recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Time(t));
+        let s = recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Time(t), None);
         assert!(s.contains("recovery_target_time = '2026-11-25 02:10:05.500000+01:00'"), "{s}");
         assert!(s.contains("recovery_target_action = 'promote'"));
-        let s = recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Lsn("0/5000028".into()));
+        let s = recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Lsn("0/5000028".into()), None);
         assert!(s.contains("recovery_target_lsn = '0/5000028'"));
+        let s =
+            recovery_settings(exe, "/srv/repo", "db-1", &RecoveryTarget::Latest, Some(Path::new("/d/x.wal-prefetch")));
+        assert!(
+            s.contains("archive-get --repo /srv/repo --stanza db-1 --prefetch 4 --spool /d/x.wal-prefetch %f %p"),
+            "{s}"
+        );
+        assert_eq!(prefetch_spool(Path::new("/srv/restore/pgdata")), Path::new("/srv/restore/pgdata.wal-prefetch"));
     }
 }
