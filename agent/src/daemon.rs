@@ -133,6 +133,14 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         }
     });
     let h = host.clone();
+    let mut rx = stop_rx.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = crate::repo_report::run(h) => {}
+            _ = rx.changed() => {}
+        }
+    });
+    let h = host.clone();
     let mut rx = stop_rx;
     tasks.spawn(async move {
         tokio::select! {

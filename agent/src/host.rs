@@ -51,6 +51,8 @@ pub struct Runtime {
     pub restart_failures: u32,
     pub next_restart: Option<Instant>,
     pub status: InstanceStatus,
+    /// What the backup repository holds for this primary (refreshed by `repo_report`).
+    pub repo_report: Option<crate::repo_report::StanzaReport>,
 }
 
 /// Everything the command service, the monitor and the heartbeat loop share.
@@ -359,6 +361,10 @@ impl Host {
                 if stale && s.probe_ok {
                     s.probe_ok = false;
                     s.error = "no recent observation: PostgreSQL does not answer".into();
+                }
+                if let Some(r) = rt.get(id).and_then(|r| r.repo_report) {
+                    s.backup_last_success_unix = r.last_backup_unix;
+                    s.repository_bytes = r.bytes;
                 }
                 s.cluster_id = id.clone();
                 s.epoch = rec.epoch;

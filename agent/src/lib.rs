@@ -14,5 +14,6 @@ pub mod heartbeat;
 pub mod host;
 pub mod lease;
 pub mod monitor;
+pub mod repo_report;
 pub mod service;
 pub mod state;

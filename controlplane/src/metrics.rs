@@ -114,7 +114,11 @@ fn archive_metrics(out: &mut String, clusters: &[crate::state::model::Cluster], 
          # HELP steward_archive_failures_total Failed archive_command calls on the primary since its statistics reset.\n\
          # TYPE steward_archive_failures_total counter\n\
          # HELP steward_archive_last_success_age_seconds Seconds since the primary last archived a WAL file (-1: never).\n\
-         # TYPE steward_archive_last_success_age_seconds gauge"
+         # TYPE steward_archive_last_success_age_seconds gauge\n\
+         # HELP steward_backup_last_success_age_seconds Seconds since the cluster's newest complete backup finished (-1: none).\n\
+         # TYPE steward_backup_last_success_age_seconds gauge\n\
+         # HELP steward_repository_bytes Bytes the cluster's backups and WAL take in the backup repository.\n\
+         # TYPE steward_repository_bytes gauge"
     );
     let now = chrono::Utc::now().timestamp();
     for c in clusters {
@@ -129,5 +133,8 @@ fn archive_metrics(out: &mut String, clusters: &[crate::state::model::Cluster], 
         let _ = writeln!(out, "steward_archive_queue_files{{{labels}}} {}", o.archive_queue);
         let _ = writeln!(out, "steward_archive_failures_total{{{labels}}} {}", o.archive_failures);
         let _ = writeln!(out, "steward_archive_last_success_age_seconds{{{labels}}} {age}");
+        let backup_age = if o.backup_last_success_unix > 0 { (now - o.backup_last_success_unix).max(0) } else { -1 };
+        let _ = writeln!(out, "steward_backup_last_success_age_seconds{{{labels}}} {backup_age}");
+        let _ = writeln!(out, "steward_repository_bytes{{{labels}}} {}", o.repository_bytes);
     }
 }

@@ -277,3 +277,35 @@ async fn primary_postgres_hung() -> Result<()> {
     }
     finish(s, &old, at).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_state_reaches_the_control_plane_metrics() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(1, 3).await?;
+    fleet.ha_database().await?;
+    let c = fleet.cluster().await?;
+    // An operator's backup of the primary, through its unix socket.
+    let host_dir = fleet.scratch.path().join(&c.primary_host);
+    let out = std::process::Command::new(steward_tests::bin("steward-agent"))
+        .args(["backup", "--repo", &fleet.scratch.path().join("repo").display().to_string(), "--stanza", &c.id])
+        .args(["--pg-data", &host_dir.join("clusters").join(&c.id).join("pgdata").display().to_string()])
+        .args(["--socket-dir", &host_dir.join("run").display().to_string(), "--port", "5432", "--output", "json"])
+        .output()?;
+    ensure!(out.status.success(), "backup failed: {}", String::from_utf8_lossy(&out.stderr));
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(manifest["kind"] == "full" && manifest["files"].as_array().is_some_and(|f| !f.is_empty()), "{manifest}");
+    // The primary's agent reports it (its repository report refreshes every 30 s).
+    let age = format!("steward_backup_last_success_age_seconds{{cluster=\"{}\",host=\"{}\"}} ", c.id, c.primary_host);
+    let size = format!("steward_repository_bytes{{cluster=\"{}\",host=\"{}\"}} ", c.id, c.primary_host);
+    wait_for("the backup in the control plane's metrics", Duration::from_secs(75), || async {
+        let (_, m) = fleet.rest.send(reqwest::Method::GET, &fleet.nodes[0].url("/metrics"), None, None).await?;
+        let text = m.as_str().unwrap_or("").to_string();
+        let value =
+            |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.trim().parse::<i64>().ok());
+        Ok(match (value(&age), value(&size)) {
+            (Some(a), Some(b)) if a >= 0 && b > 0 => Some(()),
+            _ => None,
+        })
+    })
+    .await
+}

@@ -141,6 +141,36 @@ impl Repository {
         }
     }
 
+    /// Bytes of every object under `prefix` (a directory key).
+    pub async fn size(&self, prefix: &str) -> Result<u64, BackupError> {
+        check_key(prefix)?;
+        match self {
+            Repository::Posix(p) => {
+                let root = p.path(prefix);
+                blocking(move || {
+                    let mut total = 0;
+                    let mut stack = vec![root];
+                    while let Some(dir) = stack.pop() {
+                        let entries = match fs::read_dir(&dir) {
+                            Ok(e) => e,
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                            Err(e) => return Err(BackupError::io("list", dir, e)),
+                        };
+                        for e in entries.flatten() {
+                            match e.metadata() {
+                                Ok(m) if m.is_dir() => stack.push(e.path()),
+                                Ok(m) => total += m.len(),
+                                Err(_) => {} // removed meanwhile
+                            }
+                        }
+                    }
+                    Ok(total)
+                })
+                .await
+            }
+        }
+    }
+
     /// Removes the object under `key`; false if there was none.
     pub async fn delete(&self, key: &str) -> Result<bool, BackupError> {
         check_key(key)?;
@@ -282,6 +312,8 @@ mod tests {
         assert_eq!(repo.get("a/b/c").await.unwrap().as_deref(), Some(&b"two"[..]));
         assert_eq!(repo.list("a/b").await.unwrap(), vec!["c", "d"]);
         assert_eq!(repo.list("").await.unwrap(), vec!["a"]);
+        assert_eq!(repo.size("a").await.unwrap(), 3);
+        assert_eq!(repo.size("missing").await.unwrap(), 0);
         assert!(repo.delete("a/b/c").await.unwrap());
         assert!(!repo.delete("a/b/c").await.unwrap());
         assert!(repo.put("../escape", vec![]).await.is_err());
