@@ -53,6 +53,8 @@ pub struct Runtime {
     pub status: InstanceStatus,
     /// What the backup repository holds for this primary (refreshed by `repo_report`).
     pub repo_report: Option<crate::repo_report::StanzaReport>,
+    /// The primary's archiver state and when it was read (refreshed by the monitor).
+    pub archiver: Option<(Instant, crate::pg::archiver::ArchiverStatus)>,
 }
 
 /// Everything the command service, the monitor and the heartbeat loop share.
@@ -361,6 +363,12 @@ impl Host {
                 if stale && s.probe_ok {
                     s.probe_ok = false;
                     s.error = "no recent observation: PostgreSQL does not answer".into();
+                }
+                if let Some((_, a)) = rt.get(id).and_then(|r| r.archiver) {
+                    s.archiving = a.enabled;
+                    s.archive_queue = a.queue;
+                    s.archive_failures = a.failures;
+                    s.archive_last_success_unix = a.last_success_unix;
                 }
                 if let Some(r) = rt.get(id).and_then(|r| r.repo_report) {
                     s.backup_last_success_unix = r.last_backup_unix;

@@ -82,17 +82,34 @@ async fn observe(host: &Host, id: &str, rec: &ClusterRecord) -> steward_proto::v
             Ok(_) => s.probe_ok = true,
             Err(e) => s.error = format!("write probe: {e}"),
         }
-        if inst.spec().archive.is_some() {
-            // best effort: archiving stats must never fail an observation
-            if let Ok(a) = inst.archiver_status().await {
-                s.archiving = a.enabled;
-                s.archive_queue = a.queue;
-                s.archive_failures = a.failures;
-                s.archive_last_success_unix = a.last_success_unix;
-            }
-        }
+        refresh_archiver(host, id, &inst).await;
+    } else if let Some(r) = host.runtime.lock().await.get_mut(id) {
+        r.archiver = None; // only a primary archives
     }
     s
+}
+
+/// How often a primary's archiver state is read: alerting needs seconds, not every tick, and
+/// each read costs a connection.
+const ARCHIVER_EVERY: Duration = Duration::from_secs(5);
+
+/// Reads the archiver's state of a primary that archives, unless it was read recently; kept in
+/// the runtime and merged into heartbeats by `Host::statuses`. Best effort: archiving stats
+/// never fail an observation.
+async fn refresh_archiver(host: &Host, id: &str, inst: &crate::pg::Instance) {
+    if inst.spec().archive.is_none() {
+        return;
+    }
+    let due =
+        host.runtime.lock().await.get(id).and_then(|r| r.archiver).is_none_or(|(at, _)| at.elapsed() >= ARCHIVER_EVERY);
+    if !due {
+        return;
+    }
+    if let Ok(a) = inst.archiver_status().await {
+        if let Some(r) = host.runtime.lock().await.get_mut(id) {
+            r.archiver = Some((Instant::now(), a));
+        }
+    }
 }
 
 /// Runs observation and enforcement forever, as two loops: a hung PostgreSQL can stall an

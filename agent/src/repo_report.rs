@@ -48,8 +48,8 @@ pub async fn run(host: Arc<Host>) {
     }
 }
 
-/// One refresh (also run right after a backup through the agent, when there is one).
-pub async fn refresh(host: &Host, repo: &Repository) {
+/// One refresh.
+async fn refresh(host: &Host, repo: &Repository) {
     let primaries: Vec<String> = {
         let rt = host.runtime.lock().await;
         rt.iter().filter(|(_, r)| r.status.role == "primary").map(|(id, _)| id.clone()).collect()

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use steward_agent::backup::manifest::FileSource;
 use steward_agent::backup::{self, BackupKind, BackupOptions, RecoveryTarget, Repository, RestoreOptions};
@@ -102,14 +102,7 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
     };
     let report = backup::restore(&repo, stanza, &restored.spec().data_dir, &lab.run_as, &ropts).await.expect("restore");
     assert_eq!(report.label, incr.label, "the newest backup before the target is the incremental one");
-    restored.write_config().await.expect("config of the restored server");
-    restored.start().await.expect("start the restored server");
-    let rc = restored.superuser_client().await.expect("connect to the restored server");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while rc.query_one("SELECT pg_is_in_recovery()", &[]).await.expect("recovery state").get::<_, bool>(0) {
-        assert!(Instant::now() < deadline, "the restored server did not finish recovery within 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let rc = common::start_and_await_promotion(&restored).await;
     let notes: Vec<String> =
         rc.query("SELECT note FROM events ORDER BY id", &[]).await.expect("events").iter().map(|r| r.get(0)).collect();
     assert_eq!(notes, vec!["before".to_string()], "recovery to {target} must keep exactly the earlier commit");
@@ -129,14 +122,7 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
         backup::restore(&repo, stanza, &restored.spec().data_dir, &lab.run_as, &delta).await.expect("delta restore");
     assert!(report.unchanged > report.files / 2, "most files match: {report:?}");
     assert!(report.unchanged < report.files, "recovery changed some files: {report:?}");
-    restored.write_config().await.expect("config");
-    restored.start().await.expect("start after the delta restore");
-    let rc = restored.superuser_client().await.expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while rc.query_one("SELECT pg_is_in_recovery()", &[]).await.expect("recovery state").get::<_, bool>(0) {
-        assert!(Instant::now() < deadline, "no end of recovery within 60 s after the delta restore");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let rc = common::start_and_await_promotion(&restored).await;
     let notes: Vec<String> =
         rc.query("SELECT note FROM events ORDER BY id", &[]).await.expect("events").iter().map(|r| r.get(0)).collect();
     assert_eq!(notes, vec!["before", "after", "later"], "a restore to the latest WAL has every commit");
@@ -146,33 +132,34 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
     // The operator commands: verify, info, a third (full) backup, expire.
     let repo_s = lab.repo.display().to_string();
     let args = ["--repo", repo_s.as_str(), "--stanza", stanza];
-    let out = agent(&lab.exe, &[&["verify"][..], &args].concat());
-    assert!(out.status.success(), "verify: {}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stdout).contains("all readable and complete"), "{}", text(&out.stdout));
-    let out = agent(&lab.exe, &["info", "--repo", &repo_s, "--output", "json"]);
-    assert!(out.status.success(), "info: {}", text(&out.stderr));
+    let out = common::agent(&lab.exe, &[&["verify"][..], &args].concat());
+    assert!(out.status.success(), "verify: {}{}", common::text(&out.stdout), common::text(&out.stderr));
+    assert!(common::text(&out.stdout).contains("all readable and complete"), "{}", common::text(&out.stdout));
+    let out = common::agent(&lab.exe, &["info", "--repo", &repo_s, "--output", "json"]);
+    assert!(out.status.success(), "info: {}", common::text(&out.stderr));
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info JSON");
     assert_eq!(info[0]["stanza"], stanza);
     assert_eq!(info[0]["backups"].as_array().map(Vec::len), Some(2), "{info}");
     assert_eq!(info[0]["backups"][1]["kind"], "incr");
     let (sock, port) = (inst.spec().socket_dir.display().to_string(), inst.spec().port.to_string());
     let pg_data = inst.spec().data_dir.display().to_string();
-    let out = agent(
+    let out = common::agent(
         &lab.exe,
         &[&["backup"][..], &args, &["--pg-data", &pg_data, "--socket-dir", &sock, "--port", &port, "--output", "json"]]
             .concat(),
     );
-    assert!(out.status.success(), "backup: {}", text(&out.stderr));
+    assert!(out.status.success(), "backup: {}", common::text(&out.stderr));
     let third: serde_json::Value = serde_json::from_slice(&out.stdout).expect("backup JSON");
     let third_label = third["label"].as_str().expect("label").to_string();
-    let out = agent(&lab.exe, &[&["expire"][..], &args, &["--retention-days", "0", "--output", "json"]].concat());
-    assert!(out.status.success(), "expire: {}", text(&out.stderr));
+    let out =
+        common::agent(&lab.exe, &[&["expire"][..], &args, &["--retention-days", "0", "--output", "json"]].concat());
+    assert!(out.status.success(), "expire: {}", common::text(&out.stderr));
     let expired: serde_json::Value = serde_json::from_slice(&out.stdout).expect("expire JSON");
     assert_eq!(expired["plan"]["keep"], serde_json::json!([third_label]), "{expired}");
     assert_eq!(expired["plan"]["remove"], serde_json::json!([full.label, incr.label]), "{expired}");
     assert!(expired["wal_removed"].as_u64().unwrap_or(0) > 0, "WAL before the kept backup goes: {expired}");
-    let out = agent(&lab.exe, &[&["verify"][..], &args].concat());
-    assert!(out.status.success(), "verify after expire: {}", text(&out.stdout));
+    let out = common::agent(&lab.exe, &[&["verify"][..], &args].concat());
+    assert!(out.status.success(), "verify after expire: {}", common::text(&out.stdout));
 
     // A corrupted object: restore refuses it, verify names it.
     let kept = backup::catalog::load(&repo, stanza, &third_label).await.expect("load").expect("manifest");
@@ -194,21 +181,13 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
     let latest = RestoreOptions { target: RecoveryTarget::Latest, ..ropts };
     let err = backup::restore(&repo, stanza, &again.spec().data_dir, &lab.run_as, &latest).await.unwrap_err();
     assert!(err.to_string().contains("corrupt"), "{err}");
-    let out = agent(&lab.exe, &[&["verify"][..], &args].concat());
-    assert_eq!(out.status.code(), Some(1), "verify must fail: {}", text(&out.stdout));
+    let out = common::agent(&lab.exe, &[&["verify"][..], &args].concat());
+    assert_eq!(out.status.code(), Some(1), "verify must fail: {}", common::text(&out.stdout));
     assert!(
-        text(&out.stdout).contains("does not decompress") || text(&out.stdout).contains("sha256"),
+        common::text(&out.stdout).contains("does not decompress") || common::text(&out.stdout).contains("sha256"),
         "{}",
-        text(&out.stdout)
+        common::text(&out.stdout)
     );
     drop(client);
     inst.stop().await.expect("stop");
-}
-
-fn agent(exe: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(exe).args(args).output().expect("run steward-agent")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }

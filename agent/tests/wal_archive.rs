@@ -4,18 +4,9 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
+use common::{agent, code};
 use steward_agent::backup::cli::{EXIT_ABORT_RECOVERY, EXIT_FAILED, EXIT_MISSING};
 use steward_agent::backup::{wal, Archive, Repository};
-
-fn agent(exe: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(exe).args(args).output().expect("run steward-agent")
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_are_archived_and_restored_by_a_real_server() {

@@ -58,18 +58,19 @@ pub async fn list(repo: &Repository, stanza: &str) -> Result<Vec<Manifest>, Back
     Ok(out)
 }
 
-/// `m` and the backups it builds on, newest first (`m` itself first).
-pub async fn chain(repo: &Repository, stanza: &str, m: Manifest) -> Result<Vec<Manifest>, BackupError> {
-    let mut chain = vec![m];
+/// `m` and the backups it builds on, newest first (`m` itself first), from `all` (as
+/// [`list`] returned them).
+pub fn chain(all: &[Manifest], m: &Manifest) -> Result<Vec<Manifest>, BackupError> {
+    let mut chain = vec![m.clone()];
     while let Some(prior) = chain.last().and_then(|m| m.prior.clone()) {
         if chain.len() > 1000 {
             return Err(BackupError::BadManifest { label: prior, why: "backup chain longer than 1000".into() });
         }
-        let p = load(repo, stanza, &prior).await?.ok_or_else(|| BackupError::BadManifest {
+        let p = all.iter().find(|b| b.label == prior).ok_or_else(|| BackupError::BadManifest {
             label: chain[0].label.clone(),
             why: format!("the prior backup {prior} it builds on is missing"),
         })?;
-        chain.push(p);
+        chain.push(p.clone());
     }
     Ok(chain)
 }
@@ -90,5 +91,13 @@ mod tests {
             "2026-11-25T02:00:00Z",
         );
         assert_eq!(new_label(BackupKind::Incr, Some(&prior), t), "20261125-010000F_20261125-021005I");
+        let full = crate::backup::manifest::test_manifest("20261125-010000F", None, "2026-11-25T01:00:00Z");
+        let all = vec![full, prior.clone()];
+        let c = chain(&all, &prior).unwrap();
+        assert_eq!(
+            c.iter().map(|m| m.label.as_str()).collect::<Vec<_>>(),
+            vec![prior.label.as_str(), "20261125-010000F"]
+        );
+        assert!(chain(&all[1..], &prior).unwrap_err().to_string().contains("missing"));
     }
 }

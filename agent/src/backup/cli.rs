@@ -168,7 +168,7 @@ async fn push_async(args: &ArchivePushArgs, spool: &std::path::Path, pg_data: Op
             .arg("--spool")
             .arg(spool)
             .args(["--process-max", &args.process_max.to_string()])
-            .args(["--compress", args.compress.extension_name(), "--compress-level", &args.compress_level.to_string()]);
+            .args(["--compress", &args.compress.cli_name(), "--compress-level", &args.compress_level.to_string()]);
         spawn_detached(cmd, &spool.join("pusher.log"))
     };
     let spool = super::spool::Spool { dir: spool.to_path_buf() };

@@ -27,12 +27,8 @@ impl Compression {
     }
 
     /// The name of this compression on the command line (`--compress`).
-    pub fn extension_name(self) -> &'static str {
-        match self {
-            Compression::Zstd => "zstd",
-            Compression::Lz4 => "lz4",
-            Compression::None => "none",
-        }
+    pub fn cli_name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self).map(|v| v.get_name().to_string()).unwrap_or_default()
     }
 
     /// The compression an object name's extension stands for.
@@ -100,6 +96,7 @@ mod tests {
         for c in [Compression::Zstd, Compression::Lz4, Compression::None] {
             let packed = c.compress(&data, 1).unwrap();
             assert_eq!(Compression::from_extension(c.extension()), Some(c));
+            assert_eq!(<Compression as clap::ValueEnum>::from_str(&c.cli_name(), false), Ok(c));
             assert_eq!(c.decompress(&packed, data.len()).unwrap(), data, "{c:?}");
             assert!(c.decompress(&packed, data.len() - 1).is_err(), "{c:?} ignored the limit");
         }

@@ -212,7 +212,7 @@ pub async fn verify(repo: &Repository, stanza: &str, parallel: usize) -> Result<
             }
             None => report.problems.push(format!("backup {}: unreadable start/stop WAL names", m.label)),
         }
-        let chain = match catalog::chain(repo, stanza, m.clone()).await {
+        let chain = match catalog::chain(&backups, m) {
             Ok(c) => c,
             Err(e) => {
                 report.problems.push(e.to_string());

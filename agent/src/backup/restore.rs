@@ -64,11 +64,24 @@ pub struct RestoreReport {
     pub unchanged: usize,
 }
 
+/// SHA-256 (hex) of a file's contents, read through `buf`.
+fn sha256_file(path: &Path, buf: &mut [u8]) -> Result<String, BackupError> {
+    use std::io::Read;
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path).map_err(|e| BackupError::io("read", path, e))?;
+    loop {
+        let n = file.read(buf).map_err(|e| BackupError::io("read", path, e))?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
 /// Readies an existing PGDATA for a delta restore of `m`: removes files and directories the
 /// backup does not have, the WAL in pg_wal and recovery leftovers, and returns the files that
 /// already match the manifest (size and SHA-256).
 fn tidy_for_delta(pg_data: &Path, m: &Manifest) -> Result<std::collections::HashSet<String>, BackupError> {
-    use std::io::Read;
     let (dirs, files) = super::base::walk(pg_data)?;
     let keep_dirs: std::collections::HashSet<&str> = m.directories.iter().map(String::as_str).collect();
     // deepest first, so a removed parent never hides a child from this loop
@@ -95,16 +108,7 @@ fn tidy_for_delta(pg_data: &Path, m: &Manifest) -> Result<std::collections::Hash
         if len != entry.size {
             continue;
         }
-        let mut hasher = Sha256::new();
-        let mut file = std::fs::File::open(&p).map_err(|e| BackupError::io("read", &p, e))?;
-        loop {
-            let n = file.read(&mut buf).map_err(|e| BackupError::io("read", &p, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        if hex::encode(hasher.finalize()) == entry.sha256 {
+        if sha256_file(&p, &mut buf)? == entry.sha256 {
             unchanged.insert(f.rel);
         }
     }
@@ -127,18 +131,23 @@ fn tidy_for_delta(pg_data: &Path, m: &Manifest) -> Result<std::collections::Hash
 }
 
 /// Picks the backup to restore for `opts`.
-async fn choose(repo: &Repository, stanza: &str, opts: &RestoreOptions) -> Result<Manifest, BackupError> {
+fn choose<'a>(
+    all: &'a [Manifest],
+    repo: &Repository,
+    stanza: &str,
+    opts: &RestoreOptions,
+) -> Result<&'a Manifest, BackupError> {
     if let Some(label) = &opts.label {
-        return catalog::load(repo, stanza, label)
-            .await?
+        return all
+            .iter()
+            .find(|m| &m.label == label)
             .ok_or_else(|| BackupError::Refused(format!("stanza {stanza} has no complete backup {label}")));
     }
-    let all = catalog::list(repo, stanza).await?;
     let fits = |m: &Manifest| match &opts.target {
         RecoveryTarget::Time(t) => chrono::DateTime::parse_from_rfc3339(&m.stopped_at).is_ok_and(|s| s <= *t),
         _ => true,
     };
-    all.into_iter().rev().find(fits).ok_or_else(|| {
+    all.iter().rev().find(|m| fits(m)).ok_or_else(|| {
         BackupError::Refused(format!(
             "stanza {stanza} has no complete backup{} in repository {}",
             if matches!(opts.target, RecoveryTarget::Time(_)) { " that finished before the target time" } else { "" },
@@ -208,18 +217,9 @@ fn restore_file(
                 .map_err(|e| corrupt(key, format!("does not decompress: {e}")))?;
             written = pages::apply_to_file(&file, &delta).map_err(|why| corrupt(key, why))?;
         }
-        // hash what the file holds now (it is in the page cache)
-        hasher = Sha256::new();
-        let mut rf = std::fs::File::open(path).map_err(|e| BackupError::io("read back", path, e))?;
-        loop {
-            let n = rf.read(&mut buf).map_err(|e| BackupError::io("read back", path, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
     }
-    let sha = hex::encode(hasher.finalize());
+    // with deltas laid over, hash what the file holds now (it is in the page cache)
+    let sha = if deltas.is_empty() { hex::encode(hasher.finalize()) } else { sha256_file(path, &mut buf)? };
     if sha != f.sha256 || written != f.size {
         let _ = std::fs::remove_file(path);
         return Err(corrupt(
@@ -397,9 +397,10 @@ pub async fn restore(
             Err(e) => return Err(BackupError::io("inspect", pg_data, e)),
         }
     }
-    let top = choose(repo, stanza, opts).await?;
+    let all = catalog::list(repo, stanza).await?;
+    let top = choose(&all, repo, stanza, opts)?;
     let label = top.label.clone();
-    let chain = catalog::chain(repo, stanza, top).await?;
+    let chain = catalog::chain(&all, top)?;
     tracing::info!(stanza, %label, chain = chain.len(), files = chain[0].files.len(), delta = opts.delta, "restoring backup");
     let unchanged = if opts.delta {
         let (dir, m) = (pg_data.to_path_buf(), chain[0].clone());

@@ -89,6 +89,35 @@ impl Lab {
     }
 }
 
+/// Runs the agent binary with `args` and waits for it.
+pub fn agent(exe: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(exe).args(args).output().expect("run steward-agent")
+}
+
+/// A process's exit code (-1 when killed by a signal).
+pub fn code(out: &std::process::Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+/// Output bytes as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Writes the configuration of a restored instance, starts it, and waits (up to 60 s) until
+/// its recovery has ended and it was promoted; returns a superuser connection.
+pub async fn start_and_await_promotion(inst: &Instance) -> tokio_postgres::Client {
+    inst.write_config().await.expect("config of the restored server");
+    inst.start().await.expect("start the restored server");
+    let client = inst.superuser_client().await.expect("connect to the restored server");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.query_one("SELECT pg_is_in_recovery()", &[]).await.expect("recovery state").get::<_, bool>(0) {
+        assert!(Instant::now() < deadline, "the restored server did not finish recovery within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+}
+
 /// Switches to a new WAL segment and waits (up to 60 s) until PostgreSQL reports the old one
 /// archived, failing on any archive_command failure. Returns the archived segment's name.
 pub async fn switch_and_wait_archived(inst: &Instance) -> String {
