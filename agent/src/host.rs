@@ -73,6 +73,8 @@ pub struct Host {
     /// Wakes the heartbeat loop early when something the control plane must know changed.
     pub wake: Notify,
     pub started: Instant,
+    /// Backups the control plane asked for, joined by retries of the same operation.
+    pub backups: crate::backup_jobs::BackupJobs,
 }
 
 /// Slot name of a member on its primary.
@@ -101,6 +103,7 @@ impl Host {
             ops: Mutex::new(()),
             wake: Notify::new(),
             started: Instant::now(),
+            backups: Default::default(),
         }
     }
 

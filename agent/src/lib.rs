@@ -5,6 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod backup;
+pub mod backup_jobs;
 pub mod facts;
 pub mod pg;
 

@@ -6,11 +6,13 @@ use std::time::{Duration, Instant};
 
 use steward_proto::v1::agent_server::Agent;
 use steward_proto::v1::{
-    AgentStatusReply, AgentStatusRequest, EnsureDatabaseReply, EnsureDatabaseRequest, EnsureInstanceReply,
-    EnsureInstanceRequest, FenceReply, FenceRequest, PeerLeaseReply, PeerLeaseRequest, PromoteReply, PromoteRequest,
+    AgentStatusReply, AgentStatusRequest, BackupReply, BackupRequest, EnsureDatabaseReply, EnsureDatabaseRequest,
+    EnsureInstanceReply, EnsureInstanceRequest, FenceReply, FenceRequest, PeerLeaseReply, PeerLeaseRequest,
+    PromoteReply, PromoteRequest,
 };
 use tonic::{Request, Response, Status};
 
+use crate::backup::manifest::BackupKind;
 use crate::host::{Host, Refusal};
 use crate::lease::{may_grant, PeerPromise};
 use crate::state::ClusterRecord;
@@ -132,6 +134,46 @@ impl Agent for AgentService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(EnsureDatabaseReply { created }))
+    }
+
+    async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<BackupReply>, Status> {
+        let r = req.into_inner();
+        valid_cluster_id(&r.cluster_id)?;
+        if r.operation_id.is_empty() || r.operation_id.len() > 128 {
+            return Err(Status::invalid_argument("operation_id must be 1-128 characters"));
+        }
+        let kind = match r.kind.as_str() {
+            "full" => BackupKind::Full,
+            "incr" => BackupKind::Incr,
+            other => return Err(Status::invalid_argument(format!("kind '{other}' is not 'full' or 'incr'"))),
+        };
+        let archiving =
+            self.host.archiving.clone().ok_or_else(|| {
+                Status::failed_precondition("this agent has no backup repository: start it with --repo")
+            })?;
+        let rec = self.host.admit(&r.cluster_id, r.epoch, None).await.map_err(refusal)?;
+        if rec.fenced {
+            return Err(Status::failed_precondition(format!("cluster {} is fenced on this host", r.cluster_id)));
+        }
+        let inst = self.host.instance(&r.cluster_id, &rec).await.map_err(|e| Status::internal(e.to_string()))?;
+        if !inst.is_running().await {
+            return Err(Status::failed_precondition(format!(
+                "PostgreSQL of cluster {} is not running on this host",
+                r.cluster_id
+            )));
+        }
+        // A standby's backup asks its primary to switch WAL, with the replication role.
+        let primary = (!rec.is_primary()).then(|| crate::pg::Upstream {
+            host: rec.upstream_host.clone(),
+            port: rec.upstream_port,
+            password: rec.replication_password.clone(),
+        });
+        tracing::info!(cluster = %r.cluster_id, op = %r.operation_id, kind = %r.kind, from_standby = primary.is_some(),
+            "backup requested");
+        let job =
+            crate::backup_jobs::run_backup(inst, archiving, r.cluster_id.clone(), kind, primary, r.retention_days);
+        let reply = self.host.backups.run(&r.operation_id, job).await.map_err(Status::internal)?;
+        Ok(Response::new(reply))
     }
 
     async fn status(&self, _req: Request<AgentStatusRequest>) -> Result<Response<AgentStatusReply>, Status> {

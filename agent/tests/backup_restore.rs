@@ -31,7 +31,7 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
 
     // Full backup.
     let opts = BackupOptions { parallel: 2, ..Default::default() };
-    let full = backup::take(&inst, &repo, stanza, opts).await.expect("full backup");
+    let full = backup::take(&inst, &repo, stanza, opts.clone()).await.expect("full backup");
     assert_eq!(full.kind, BackupKind::Full);
     assert!(full.size_bytes > 20 << 20, "the table alone is ~20 MiB: {}", full.size_bytes);
     assert!(full.files.iter().all(|f| matches!(f.source, FileSource::Whole { .. })));

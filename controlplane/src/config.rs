@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::raft::node::RaftSettings;
 use crate::raft::{NodeId, NodeInfo};
+use crate::reconcile::backup::{parse_interval, BackupPolicy};
 
 /// Errors in configuration, each naming the setting and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,13 @@ pub struct NodeArgs {
     /// A host is marked down after this many milliseconds without a heartbeat (default 5000).
     #[arg(long)]
     pub host_down_after_ms: Option<u64>,
+    /// Full backup of every cluster that serves databases this often (e.g. 7d, 24h; "off" turns
+    /// scheduled backups off). Default 7d. Needs agents started with --repo.
+    #[arg(long, env = "STEWARD_BACKUP_FULL_EVERY")]
+    pub backup_full_every: Option<String>,
+    /// Incremental backups in between, this often (e.g. 1d, 6h; "off": fulls only). Default 1d.
+    #[arg(long, env = "STEWARD_BACKUP_INCR_EVERY")]
+    pub backup_incr_every: Option<String>,
 }
 
 /// Resolved configuration.
@@ -90,6 +98,7 @@ pub struct NodeConfig {
     pub raft: RaftSettings,
     pub agent_heartbeat_ms: u32,
     pub host_down_after: Duration,
+    pub backup_policy: BackupPolicy,
 }
 
 /// Parses `ID=GRPC,API`.
@@ -157,6 +166,24 @@ impl NodeArgs {
             snapshot_logs: self.snapshot_logs.or(file.snapshot_logs).unwrap_or(5000).max(1),
             keep_logs: self.keep_logs.or(file.keep_logs).unwrap_or(1000),
         };
+        let interval = |name: &str, v: Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(v) => parse_interval(&v).map_err(|e| ConfigError::Invalid(format!("{name}: {e}"))),
+        };
+        let defaults = BackupPolicy::default();
+        let backup_policy = BackupPolicy {
+            full_every: interval(
+                "backup_full_every",
+                self.backup_full_every.or(file.backup_full_every),
+                defaults.full_every,
+            )?,
+            incr_every: interval(
+                "backup_incr_every",
+                self.backup_incr_every.or(file.backup_incr_every),
+                defaults.incr_every,
+            )?,
+            retry_after: defaults.retry_after,
+        };
         let admin_token_file =
             self.admin_token_file.or(file.admin_token_file).unwrap_or_else(|| data_dir.join("admin.token"));
         Ok(NodeConfig {
@@ -170,6 +197,7 @@ impl NodeArgs {
             raft,
             agent_heartbeat_ms: self.agent_heartbeat_ms.or(file.agent_heartbeat_ms).unwrap_or(1000).max(50),
             host_down_after: Duration::from_millis(self.host_down_after_ms.or(file.host_down_after_ms).unwrap_or(5000)),
+            backup_policy,
         })
     }
 }
@@ -202,6 +230,14 @@ mod tests {
             NodeArgs { config: Some(p.clone()), snapshot_logs: Some(20), ..Default::default() }.resolve().unwrap();
         assert_eq!(cfg.node_id, 2);
         assert_eq!(cfg.raft.snapshot_logs, 20);
+        std::fs::write(&p, "backup_full_every = \"3d\"\n").unwrap();
+        let cfg = NodeArgs { config: Some(p.clone()), backup_incr_every: Some("off".into()), ..Default::default() }
+            .resolve()
+            .unwrap();
+        assert_eq!(cfg.backup_policy.full_every, Duration::from_secs(3 * 86_400));
+        assert!(cfg.backup_policy.incr_every.is_zero());
+        let err = NodeArgs { backup_full_every: Some("weekly".into()), ..Default::default() }.resolve().unwrap_err();
+        assert!(err.to_string().contains("backup_full_every"), "{err}");
         std::fs::write(&p, "nod_id = 2\n").unwrap();
         let err = NodeArgs { config: Some(p), ..Default::default() }.resolve().unwrap_err();
         assert!(err.to_string().contains("nod_id"), "{err}");

@@ -61,6 +61,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         raft: RaftSettings::default(),
         agent_heartbeat_ms: 1000,
         host_down_after: Duration::from_secs(5),
+        backup_policy: Default::default(),
     };
     let node = crate::server::start(cfg).await?;
     // The agents run in this process, but PostgreSQL's archive_command needs the steward-agent

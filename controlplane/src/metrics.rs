@@ -57,9 +57,12 @@ pub async fn render(node: &RaftNode, m: &Metrics, liveness: &Liveness) -> String
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
     }
     let pool = node.store.pool();
-    for (table, metric) in
-        [("databases", "steward_databases"), ("hosts", "steward_hosts"), ("operations", "steward_operations")]
-    {
+    for (table, metric) in [
+        ("databases", "steward_databases"),
+        ("hosts", "steward_hosts"),
+        ("operations", "steward_operations"),
+        ("backups", "steward_backups"),
+    ] {
         let _ = writeln!(out, "# HELP {metric} Count by state (local replica).\n# TYPE {metric} gauge");
         if let Ok(rows) = query::count_by_state(pool, table).await {
             for (state, n) in rows {

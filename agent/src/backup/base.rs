@@ -4,7 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
@@ -47,7 +47,7 @@ pub const SKIP_FILES: &[&str] = &[
 ];
 
 /// How a backup is taken.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BackupOptions {
     pub kind: BackupKind,
     pub compression: Compression,
@@ -55,12 +55,59 @@ pub struct BackupOptions {
     pub level: i32,
     /// Files copied at once.
     pub parallel: usize,
+    /// Backing up a standby: its primary, asked to switch WAL segments so the segment that
+    /// makes the backup consistent gets archived now rather than when it fills up.
+    pub primary: Option<crate::pg::Upstream>,
+    /// Backing up a standby: how long to wait for that segment to reach the archive.
+    pub wal_wait: Duration,
 }
 
 impl Default for BackupOptions {
     fn default() -> Self {
-        BackupOptions { kind: BackupKind::Full, compression: Compression::Zstd, level: 1, parallel: 2 }
+        BackupOptions {
+            kind: BackupKind::Full,
+            compression: Compression::Zstd,
+            level: 1,
+            parallel: 2,
+            primary: None,
+            wal_wait: Duration::from_secs(300),
+        }
     }
+}
+
+/// Where PostgreSQL keeps the control file, which a standby backup copies last.
+const PG_CONTROL: &str = "global/pg_control";
+
+/// A value of a `backup_label` line such as `START TIMELINE: 1`.
+fn label_field<'a>(label: &'a str, field: &str) -> Option<&'a str> {
+    label.lines().find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')).map(str::trim))
+}
+
+/// Start segment and timeline from a `backup_label`:
+/// `START WAL LOCATION: 0/2000028 (file 000000010000000000000002)` and `START TIMELINE: 1`.
+fn label_start(label: &str) -> Option<(String, u32)> {
+    let loc = label_field(label, "START WAL LOCATION")?;
+    let file = loc.split_once("(file ")?.1.strip_suffix(')')?.to_string();
+    let timeline = label_field(label, "START TIMELINE")?.parse().ok()?;
+    Some((file, timeline))
+}
+
+/// Asks the primary to switch to a new WAL segment, as the replication role (granted
+/// `pg_switch_wal`), so the segment a standby backup needs is archived promptly.
+async fn request_wal_switch(primary: &crate::pg::Upstream) -> Result<(), String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&primary.host)
+        .port(primary.port)
+        .user(crate::pg::REPLICATION_ROLE)
+        .password(primary.password.as_bytes())
+        .dbname("postgres")
+        .application_name("steward-backup")
+        .connect_timeout(Duration::from_secs(5));
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client.batch_execute("SELECT pg_switch_wal()").await.map_err(|e| e.to_string())
 }
 
 /// One file found in PGDATA.
@@ -215,15 +262,13 @@ pub async fn take(
         &client,
         "reading the server's identity",
         "SELECT system_identifier::text, pg_is_in_recovery(), current_setting('archive_mode'), \
-         current_setting('block_size')::int FROM pg_control_system()",
+         current_setting('block_size')::int, \
+         (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size') FROM pg_control_system()",
         &[],
     )
     .await?;
-    let (sysid, in_recovery, archive_mode, block_size): (String, bool, String, i32) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    if in_recovery {
-        return Err(BackupError::Refused("backups are taken from the primary; this server is in recovery".into()));
-    }
+    let (sysid, from_standby, archive_mode, block_size, segment_size): (String, bool, String, i32, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     if archive_mode == "off" {
         return Err(BackupError::Refused(
             "WAL archiving is off on this server, so a backup could never be restored: start the agent with --repo"
@@ -254,15 +299,7 @@ pub async fn take(
     let start_lsn_text: String = query_one(&client, "starting the backup", start_sql, &[&label]).await?.get(0);
     let start_lsn = parse_lsn(&start_lsn_text)
         .ok_or_else(|| BackupError::Refused(format!("PostgreSQL returned an unreadable start LSN {start_lsn_text}")))?;
-    let row = query_one(
-        &client,
-        "reading the backup's start position",
-        "SELECT pg_walfile_name($1::text::pg_lsn), timeline_id FROM pg_control_checkpoint()",
-        &[&start_lsn_text],
-    )
-    .await?;
-    let (start_wal, timeline): (String, i32) = (row.get(0), row.get(1));
-    tracing::info!(stanza, %label, ?kind, start_lsn = %start_lsn_text, "backup started");
+    tracing::info!(stanza, %label, ?kind, start_lsn = %start_lsn_text, from_standby, "backup started");
 
     let pg_data = inst.spec().data_dir.clone();
     let walk_dir = pg_data.clone();
@@ -285,25 +322,32 @@ pub async fn take(
         })
         .collect();
     let total = jobs.len();
-    let mut files: Vec<FileEntry> = stream::iter(jobs)
-        .map(|job| async move {
-            let prepared = tokio::task::spawn_blocking(move || prepare(job))
-                .await
-                .map_err(|e| BackupError::Task(e.to_string()))??;
-            match prepared {
-                Prepared::Gone => Ok(None),
-                Prepared::Entry { entry, object } => {
-                    if let Some((key, bytes)) = object {
-                        repo.put(&key, bytes).await?;
-                    }
-                    Ok::<_, BackupError>(Some(entry))
+    // From a standby, pg_control is copied after everything else: its minimum recovery point
+    // then covers every page copied, and PostgreSQL replays at least that far on restore.
+    let (jobs, last): (Vec<FileJob>, Vec<FileJob>) =
+        jobs.into_iter().partition(|j| !(from_standby && j.found.rel == PG_CONTROL));
+    let store = |job: FileJob| async move {
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare(job)).await.map_err(|e| BackupError::Task(e.to_string()))??;
+        match prepared {
+            Prepared::Gone => Ok(None),
+            Prepared::Entry { entry, object } => {
+                if let Some((key, bytes)) = object {
+                    repo.put(&key, bytes).await?;
                 }
+                Ok::<_, BackupError>(Some(entry))
             }
-        })
+        }
+    };
+    let mut files: Vec<FileEntry> = stream::iter(jobs)
+        .map(store)
         .buffer_unordered(opts.parallel.max(1))
         .try_filter_map(|e| async move { Ok(e) })
         .try_collect()
         .await?;
+    for job in last {
+        files.extend(store(job).await?);
+    }
     files.sort_by(|a, b| a.path.cmp(&b.path));
 
     // Stop: PostgreSQL waits until the WAL up to the stop position is archived.
@@ -317,10 +361,16 @@ pub async fn take(
     if !spcmap.trim().is_empty() {
         return Err(BackupError::Refused("the server has tablespaces, which backups do not support".into()));
     }
-    let stop_wal: String =
-        query_one(&client, "naming the stop segment", "SELECT pg_walfile_name($1::text::pg_lsn)", &[&stop_lsn_text])
-            .await?
-            .get(0);
+    let unreadable = |what: &str| BackupError::Refused(format!("PostgreSQL returned an unreadable {what}"));
+    let (start_wal, timeline) = label_start(&backup_label).ok_or_else(|| unreadable("backup_label"))?;
+    let stop_lsn = parse_lsn(&stop_lsn_text).ok_or_else(|| unreadable("stop LSN"))?;
+    let segment_size = u32::try_from(segment_size).map_err(|_| unreadable("wal_segment_size"))?;
+    let stop_wal = super::wal::segment_before(timeline, stop_lsn, segment_size);
+    if from_standby {
+        // A standby's pg_backup_stop does not wait for the archive (its primary archives):
+        // wait here until the segment that makes the backup consistent is there.
+        wait_archived(repo, stanza, &stop_wal, &opts).await?;
+    }
     let stopped_at = chrono::Utc::now();
     let size_bytes = files.iter().map(|f| f.size).sum();
     let stored_bytes = files
@@ -338,7 +388,7 @@ pub async fn take(
         system_identifier: sysid,
         pg_major,
         block_size: u32::try_from(block_size).unwrap_or(8192),
-        timeline: u32::try_from(timeline).unwrap_or(1),
+        timeline,
         start_lsn: format_lsn(start_lsn),
         stop_lsn: stop_lsn_text,
         start_wal,
@@ -350,6 +400,7 @@ pub async fn take(
         files,
         size_bytes,
         stored_bytes,
+        from_standby,
     };
     let text = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| BackupError::BadManifest { label: label.clone(), why: e.to_string() })?;
@@ -357,4 +408,38 @@ pub async fn take(
     tracing::info!(stanza, %label, ?kind, files = total, size_bytes, stored_bytes,
         elapsed_ms = started.elapsed().as_millis() as u64, "backup finished");
     Ok(manifest)
+}
+
+/// Waits until `segment` is in the stanza's archive, asking the primary (if known) to switch
+/// segments every few seconds meanwhile.
+async fn wait_archived(
+    repo: &Repository,
+    stanza: &str,
+    segment: &str,
+    opts: &BackupOptions,
+) -> Result<(), BackupError> {
+    let archive = super::archive::Archive::new(repo.clone(), stanza)?;
+    let deadline = Instant::now() + opts.wal_wait;
+    let mut asked: Option<Instant> = None;
+    loop {
+        if !archive.find(segment).await?.is_empty() {
+            return Ok(());
+        }
+        if let Some(primary) = &opts.primary {
+            if asked.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                if let Err(e) = request_wal_switch(primary).await {
+                    tracing::warn!(stanza, primary = %primary.endpoint(), error = %e, "asking the primary to switch WAL failed");
+                }
+                asked = Some(Instant::now());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(BackupError::Refused(format!(
+                "WAL segment {segment}, which this backup needs to be consistent, was not archived within {} s: \
+                 check the primary's archiving (steward-agent info, steward_archive_* metrics) and retry",
+                opts.wal_wait.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

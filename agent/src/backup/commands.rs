@@ -148,6 +148,7 @@ pub async fn backup(args: BackupArgs) -> ExitCode {
             compression: args.compress,
             level: 1,
             parallel: usize::from(args.parallel),
+            ..Default::default()
         };
         base::take(&inst, &repo, &args.repo.stanza, opts).await
     }

@@ -79,6 +79,10 @@ pub struct Manifest {
     /// Sum of the files' sizes, and of what this backup stored for them.
     pub size_bytes: u64,
     pub stored_bytes: u64,
+    /// Copied from a standby (PostgreSQL's `BACKUP FROM: standby`): its `pg_control` was copied
+    /// last and marks where the backup becomes consistent.
+    #[serde(default)]
+    pub from_standby: bool,
 }
 
 impl Manifest {
@@ -111,5 +115,6 @@ pub fn test_manifest(label: &str, prior: Option<&str>, stopped_at: &str) -> Mani
         files: vec![],
         size_bytes: 0,
         stored_bytes: 0,
+        from_standby: false,
     }
 }

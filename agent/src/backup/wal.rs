@@ -13,6 +13,16 @@ const XLP_LONG_HEADER: u16 = 0x0002;
 /// `xlp_sysid` u64, `xlp_seg_size` u32, `xlp_xlog_blcksz` u32).
 pub const LONG_HEADER_LEN: usize = 40;
 
+/// The name of the segment holding the WAL just before `lsn` on `timeline` (PostgreSQL's
+/// `pg_walfile_name`, which a standby cannot call): a position at a segment boundary belongs
+/// to the segment before it.
+pub fn segment_before(timeline: u32, lsn: u64, segment_size: u32) -> String {
+    let size = u64::from(segment_size.max(1));
+    let per_log = 0x1_0000_0000u64 / size;
+    let segno = lsn.saturating_sub(1) / size;
+    format!("{timeline:08X}{:08X}{:08X}", segno / per_log, segno % per_log)
+}
+
 /// One file name that PostgreSQL archives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WalName {
@@ -185,6 +195,17 @@ pub fn fake_segment(system_identifier: u64, timeline: u32, segment_size: u32, fi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segment_before_matches_pg_walfile_name() {
+        let mb16 = 16 << 20;
+        assert_eq!(segment_before(1, 0x0300_0028, mb16), "000000010000000000000003");
+        // a boundary belongs to the segment before it
+        assert_eq!(segment_before(1, 0x0300_0000, mb16), "000000010000000000000002");
+        assert_eq!(segment_before(2, (1u64 << 32) + 0x10, mb16), "000000020000000100000000");
+        assert_eq!(segment_before(1, 1u64 << 32, mb16), "0000000100000000000000FF");
+        assert_eq!(segment_before(3, 0x4000_0001, 64 << 20), "000000030000000000000010");
+    }
 
     #[test]
     fn names() {

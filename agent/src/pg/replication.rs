@@ -282,8 +282,8 @@ impl Instance {
                 .await
                 .map_err(sql_err("updating the replication role"))?;
         }
-        for grant in sql::rewind_grants(REPLICATION_ROLE) {
-            client.batch_execute(&grant).await.map_err(sql_err("granting pg_rewind functions"))?;
+        for grant in sql::replication_role_grants(REPLICATION_ROLE) {
+            client.batch_execute(&grant).await.map_err(sql_err("granting the replication role's functions"))?;
         }
         tracing::info!(cluster_id = %self.spec.cluster_id, role = REPLICATION_ROLE, created, "replication role ensured");
         Ok(())

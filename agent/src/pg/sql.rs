@@ -73,11 +73,13 @@ pub fn alter_replication_role(role: &str, verifier: &str) -> String {
     format!("ALTER ROLE {} WITH LOGIN REPLICATION PASSWORD {}", quote_ident(role), quote_literal(verifier))
 }
 
-/// The grants pg_rewind needs on its source when it connects as a non-superuser
-/// (see the pg_rewind documentation, PostgreSQL 11+).
-pub fn rewind_grants(role: &str) -> [String; 4] {
+/// The grants the replication role needs beyond streaming: pg_rewind's on its source when it
+/// connects as a non-superuser (see the pg_rewind documentation, PostgreSQL 11+), and
+/// `pg_switch_wal`, which a backup taken from a standby asks the primary for.
+pub fn replication_role_grants(role: &str) -> [String; 5] {
     let role = quote_ident(role);
     [
+        format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO {role}"),
         format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {role}"),
         format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {role}"),
         format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO {role}"),
@@ -159,7 +161,9 @@ mod tests {
             "CREATE ROLE \"steward_replication\" LOGIN REPLICATION PASSWORD 'SCRAM-SHA-256$1:s$a:b'"
         );
         assert!(alter_replication_role("r", "v").starts_with("ALTER ROLE \"r\" WITH LOGIN REPLICATION PASSWORD "));
-        assert!(rewind_grants("r")[3].ends_with("pg_read_binary_file(text, bigint, bigint, boolean) TO \"r\""));
+        assert!(
+            replication_role_grants("r")[4].ends_with("pg_read_binary_file(text, bigint, bigint, boolean) TO \"r\"")
+        );
         let [revoke, grant] = restrict_connect("db", "app");
         assert_eq!(revoke, "REVOKE CONNECT ON DATABASE \"db\" FROM PUBLIC");
         assert_eq!(grant, "GRANT CONNECT ON DATABASE \"db\" TO \"app\"");

@@ -49,6 +49,16 @@ enum Cmd {
     Databases,
     /// Show one operation.
     Operation { id: String },
+    /// List recorded backups, newest first: what, from which member, label in the repository,
+    /// size. The repository itself: `steward-agent info --repo ... --stanza <cluster>`.
+    Backups {
+        /// Only this cluster's.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// HA cluster actions.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -65,6 +75,25 @@ enum ClusterCmd {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Back up a cluster now, besides the schedule (--backup-full-every/--backup-incr-every on
+    /// the control plane). Taken from a healthy standby when there is one; expires what the
+    /// databases' backup_retention_days no longer need.
+    Backup {
+        /// Cluster id (see `stewardctl clusters`).
+        cluster: String,
+        /// Full, or incremental (changed pages since the last backup; full if there is none).
+        #[arg(long = "type", value_enum, default_value_t = BackupType::Incr)]
+        kind: BackupType,
+        /// Wait for the backup to finish, printing its progress.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum BackupType {
+    Full,
+    Incr,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +174,50 @@ fn print_members(out: Output, m: &[RaftMember]) {
                 .collect(),
         );
     }
+}
+
+fn print_backups(out: Output, backups: &[BackupInfo]) {
+    if out == Output::Json {
+        let v: Vec<_> = backups
+            .iter()
+            .map(|b| {
+                serde_json::json!({"operation_id": b.operation_id, "cluster_id": b.cluster_id, "kind": b.kind,
+                    "kind_taken": b.kind_taken, "requested_by": b.requested_by, "retention_days": b.retention_days,
+                    "state": b.state, "host_id": b.host_id, "from_standby": b.from_standby, "label": b.label,
+                    "size_bytes": b.size_bytes, "stored_bytes": b.stored_bytes, "stop_lsn": b.stop_lsn,
+                    "error": b.error, "created_at": b.created_at, "finished_at": b.finished_at})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return;
+    }
+    let mib = |b: u64| format!("{:.1}", b as f64 / f64::from(1u32 << 20));
+    table(
+        &["CLUSTER", "STARTED", "KIND", "STATE", "FROM", "LABEL", "SIZE MiB", "STORED MiB", "BY", "ERROR"],
+        backups
+            .iter()
+            .map(|b| {
+                let kind = if b.kind_taken.is_empty() { b.kind.clone() } else { b.kind_taken.clone() };
+                let from = match (b.host_id.as_str(), b.from_standby) {
+                    ("", _) => String::new(),
+                    (h, true) => format!("{h} (standby)"),
+                    (h, false) => format!("{h} (primary)"),
+                };
+                vec![
+                    b.cluster_id.clone(),
+                    b.created_at.clone(),
+                    kind,
+                    b.state.clone(),
+                    from,
+                    b.label.clone(),
+                    mib(b.size_bytes),
+                    mib(b.stored_bytes),
+                    b.requested_by.clone(),
+                    b.error.clone(),
+                ]
+            })
+            .collect(),
+    );
 }
 
 #[tokio::main]
@@ -316,6 +389,51 @@ async fn main() -> anyhow::Result<()> {
                     r.old_primary, r.new_primary, r.epoch, r.write_pause_ms
                 );
             }
+        }
+        Cmd::Cluster(ClusterCmd::Backup { cluster, kind, wait }) => {
+            let kind = if *kind == BackupType::Full { "full" } else { "incr" };
+            let mut o = c
+                .start_backup(req(&tok, StartBackupRequest { cluster_id: cluster.clone(), kind: kind.into() })?)
+                .await?
+                .into_inner();
+            eprintln!("backup {} of {cluster} started ({kind})", o.id);
+            if *wait {
+                let mut last_step = String::new();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6 * 3600);
+                while o.state == "running" && std::time::Instant::now() < deadline {
+                    if o.step != last_step {
+                        eprintln!("  {}", o.step.replace("backing_up_from:", "backing up from "));
+                        last_step = o.step.clone();
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    o = c.get_operation(req(&tok, GetOperationRequest { id: o.id.clone() })?).await?.into_inner();
+                }
+                let b = c
+                    .list_backups(req(&tok, ListBackupsRequest { cluster_id: cluster.clone(), limit: 20 })?)
+                    .await?
+                    .into_inner()
+                    .backups
+                    .into_iter()
+                    .find(|b| b.operation_id == o.id);
+                print_backups(out, b.as_slice());
+                if o.state != "succeeded" {
+                    anyhow::bail!("backup {} {}: {}", o.id, o.state, o.error);
+                }
+            } else if out == Output::Json {
+                println!("{}", serde_json::json!({"operation_id": o.id, "state": o.state}));
+            } else {
+                println!("{}", o.id);
+            }
+        }
+        Cmd::Backups { cluster, limit } => {
+            let r = c
+                .list_backups(req(
+                    &tok,
+                    ListBackupsRequest { cluster_id: cluster.clone().unwrap_or_default(), limit: *limit },
+                )?)
+                .await?
+                .into_inner();
+            print_backups(out, &r.backups);
         }
         Cmd::Operation { id } => {
             let o = c.get_operation(req(&tok, GetOperationRequest { id: id.clone() })?).await?.into_inner();

@@ -285,16 +285,88 @@ impl Operator for OperatorService {
             .await
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("operation {id} does not exist")))?;
-        Ok(Response::new(OperationInfo {
-            id: op.id,
-            kind: op.kind,
-            database_id: op.database_id,
-            state: op.state,
-            step: op.step,
-            attempts: op.attempts as u32,
-            error: op.error,
-            created_at: op.created_at,
-            updated_at: op.updated_at,
-        }))
+        Ok(Response::new(operation_info(op)))
+    }
+
+    async fn start_backup(&self, req: Request<StartBackupRequest>) -> Result<Response<OperationInfo>, Status> {
+        let token = authorize(&req, &self.admin_token_hash)?;
+        let r = req.into_inner();
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.start_backup(Self::forwarded(&token, r)?).await;
+        }
+        let kind = match r.kind.as_str() {
+            "" | "incr" => "incr",
+            "full" => "full",
+            other => return Err(Status::invalid_argument(format!("kind '{other}' is not 'full' or 'incr'"))),
+        };
+        self.read().await?;
+        let pool = self.node.store.pool();
+        if query::cluster(pool, &r.cluster_id).await.map_err(internal)?.is_none() {
+            return Err(Status::not_found(format!(
+                "cluster {} does not exist (see stewardctl clusters)",
+                r.cluster_id
+            )));
+        }
+        let retention = query::databases_in_cluster(pool, &r.cluster_id)
+            .await
+            .map_err(internal)?
+            .iter()
+            .map(|d| d.backup_retention_days)
+            .max()
+            .unwrap_or(0);
+        let id = crate::reconcile::backup::start(&self.ctx, &r.cluster_id, kind, retention, "operator")
+            .await
+            .map_err(Status::failed_precondition)?;
+        let op = query::operation(pool, &id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::internal("the backup operation vanished"))?;
+        Ok(Response::new(operation_info(op)))
+    }
+
+    async fn list_backups(&self, req: Request<ListBackupsRequest>) -> Result<Response<ListBackupsReply>, Status> {
+        authorize(&req, &self.admin_token_hash)?;
+        self.read().await?;
+        let r = req.into_inner();
+        let cluster = (!r.cluster_id.is_empty()).then_some(r.cluster_id.as_str());
+        let limit = if r.limit == 0 { 100 } else { i64::from(r.limit.min(10_000)) };
+        let rows = query::backups(self.node.store.pool(), cluster, limit).await.map_err(internal)?;
+        let backups = rows
+            .into_iter()
+            .map(|b| BackupInfo {
+                operation_id: b.operation_id,
+                cluster_id: b.cluster_id,
+                kind: b.kind,
+                kind_taken: b.kind_taken,
+                requested_by: b.requested_by,
+                retention_days: u32::try_from(b.retention_days).unwrap_or(0),
+                state: b.state,
+                host_id: b.host_id,
+                from_standby: b.from_standby,
+                label: b.label,
+                size_bytes: u64::try_from(b.size_bytes).unwrap_or(0),
+                stored_bytes: u64::try_from(b.stored_bytes).unwrap_or(0),
+                stop_lsn: b.stop_lsn,
+                error: b.error,
+                created_at: b.created_at,
+                finished_at: b.finished_at,
+            })
+            .collect();
+        Ok(Response::new(ListBackupsReply { backups }))
+    }
+}
+
+fn operation_info(op: crate::state::model::Operation) -> OperationInfo {
+    OperationInfo {
+        id: op.id,
+        kind: op.kind,
+        database_id: op.database_id,
+        state: op.state,
+        step: op.step,
+        attempts: u32::try_from(op.attempts).unwrap_or(0),
+        error: op.error,
+        created_at: op.created_at,
+        updated_at: op.updated_at,
     }
 }

@@ -1,6 +1,7 @@
 //! Reconcilers: leader-only loops that compare the replicated desired state with what agents
 //! report and drive agents with idempotent, epoch-carrying commands.
 
+pub mod backup;
 pub mod failover;
 pub mod hosts;
 pub mod liveness;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use crate::grpc::agent_client::AgentClients;
 use crate::metrics::Metrics;
 use crate::raft::node::RaftNode;
+use crate::state::model::op_kind;
 use crate::state::query;
 use liveness::Liveness;
 
@@ -28,6 +30,10 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// A host with no heartbeat for this long is marked `down`.
     pub down_after: Duration,
+    /// When clusters are backed up.
+    pub backup_policy: backup::BackupPolicy,
+    /// When the backup scheduler last looked.
+    backup_checked: Mutex<Option<Instant>>,
     /// Operations being worked on by this node.
     in_flight: Mutex<HashSet<String>>,
     /// A rejoin pass is running (it may take as long as a clone).
@@ -37,13 +43,21 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(node: Arc<RaftNode>, liveness: Arc<Liveness>, metrics: Arc<Metrics>, down_after: Duration) -> Arc<Self> {
+    pub fn new(
+        node: Arc<RaftNode>,
+        liveness: Arc<Liveness>,
+        metrics: Arc<Metrics>,
+        down_after: Duration,
+        backup_policy: backup::BackupPolicy,
+    ) -> Arc<Self> {
         Arc::new(Self {
             node,
             liveness,
             agents: AgentClients::default(),
             metrics,
             down_after,
+            backup_policy,
+            backup_checked: Mutex::new(None),
             in_flight: Mutex::new(HashSet::new()),
             rejoining: Default::default(),
             busy: Mutex::new(HashSet::new()),
@@ -74,6 +88,16 @@ impl Ctx {
 
     fn rejoin_done(&self) {
         self.rejoining.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// True at most once every 5 s: the backup scheduler need not look on every tick.
+    fn backup_check_due(&self) -> bool {
+        let Ok(mut last) = self.backup_checked.lock() else { return false };
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 }
 
@@ -107,6 +131,12 @@ pub async fn run(ctx: Arc<Ctx>) {
                 c.rejoin_done();
             });
         }
+        // A new leader first lets agents heartbeat (the scheduler needs their archiving state).
+        if since.elapsed() > ctx.down_after && ctx.backup_check_due() {
+            if let Err(e) = backup::schedule(&ctx).await {
+                tracing::warn!(error = %e, "backup scheduling failed");
+            }
+        }
         match query::running_operations(ctx.node.store.pool()).await {
             Ok(ops) => {
                 for op in ops {
@@ -117,7 +147,10 @@ pub async fn run(ctx: Arc<Ctx>) {
                     let ctx2 = ctx.clone();
                     tokio::spawn(async move {
                         let id = op.id.clone();
-                        provision::run(&ctx2, op).await;
+                        match op.kind.as_str() {
+                            op_kind::BACKUP => backup::run(&ctx2, op).await,
+                            _ => provision::run(&ctx2, op).await,
+                        }
                         if let Ok(mut s) = ctx2.in_flight.lock() {
                             s.remove(&id);
                         }

@@ -212,6 +212,93 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
             audit(conn, &db.created_at, actor, "database.create", &db.id, "accepted").await?;
             Ok(Response::DatabaseCreated { id: db.id.clone(), existing: false })
         }
+        Command::StartBackup { backup: b, operation } => {
+            let running: Option<(String,)> =
+                sqlx::query_as("SELECT operation_id FROM backups WHERE cluster_id = ? AND state = ?")
+                    .bind(&b.cluster_id)
+                    .bind(op_state::RUNNING)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if let Some((id,)) = running {
+                return Ok(Response::Conflict {
+                    message: format!("backup {id} of cluster {} is still running", b.cluster_id),
+                });
+            }
+            let cluster: Option<(String,)> = sqlx::query_as("SELECT id FROM clusters WHERE id = ?")
+                .bind(&b.cluster_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if cluster.is_none() {
+                return Ok(Response::NotFound { message: format!("cluster {} does not exist", b.cluster_id) });
+            }
+            sqlx::query(
+                "INSERT INTO backups (operation_id, cluster_id, kind, requested_by, retention_days, state, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&b.operation_id)
+            .bind(&b.cluster_id)
+            .bind(&b.kind)
+            .bind(&b.requested_by)
+            .bind(b.retention_days)
+            .bind(op_state::RUNNING)
+            .bind(&b.created_at)
+            .execute(&mut *conn)
+            .await?;
+            insert_operation(conn, operation).await?;
+            audit(conn, &b.created_at, &b.requested_by, "backup.start", &b.cluster_id, "accepted").await?;
+            Ok(Response::Done)
+        }
+        Command::FinishBackup {
+            operation_id,
+            succeeded,
+            kind_taken,
+            host_id,
+            from_standby,
+            label,
+            size_bytes,
+            stored_bytes,
+            stop_lsn,
+            error,
+            at,
+        } => {
+            let state = if *succeeded { op_state::SUCCEEDED } else { op_state::FAILED };
+            let r = sqlx::query(
+                "UPDATE backups SET state = ?, kind_taken = ?, host_id = ?, from_standby = ?, label = ?,
+                    size_bytes = ?, stored_bytes = ?, stop_lsn = ?, error = ?, finished_at = ?
+                 WHERE operation_id = ? AND state = ?",
+            )
+            .bind(state)
+            .bind(kind_taken)
+            .bind(host_id)
+            .bind(from_standby)
+            .bind(label)
+            .bind(size_bytes)
+            .bind(stored_bytes)
+            .bind(stop_lsn)
+            .bind(error)
+            .bind(at)
+            .bind(operation_id)
+            .bind(op_state::RUNNING)
+            .execute(&mut *conn)
+            .await?;
+            if r.rows_affected() == 0 {
+                return Ok(Response::NotFound { message: format!("no running backup {operation_id}") });
+            }
+            sqlx::query("UPDATE operations SET state = ?, step = 'done', error = ?, updated_at = ? WHERE id = ?")
+                .bind(state)
+                .bind(error)
+                .bind(at)
+                .bind(operation_id)
+                .execute(&mut *conn)
+                .await?;
+            let cluster: Option<(String,)> = sqlx::query_as("SELECT cluster_id FROM backups WHERE operation_id = ?")
+                .bind(operation_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            let target = cluster.map(|(c,)| format!("{c}/{label}")).unwrap_or_default();
+            audit(conn, at, "controlplane", "backup.finish", &target, state).await?;
+            Ok(Response::Done)
+        }
         Command::UpdateOperation { id, step, attempts, error, at } => {
             let r = sqlx::query(
                 "UPDATE operations SET step = ?, attempts = ?, error = ?, updated_at = ? WHERE id = ? AND state = ?",

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Cluster, Database, Host, Member, Operation};
+use super::model::{Backup, Cluster, Database, Host, Member, Operation};
 
 /// One change to the replicated state. (Variants differ in size; commands are short-lived and
 /// serialized right away, so boxing would buy nothing.)
@@ -68,6 +68,26 @@ pub enum Command {
         from_epoch: i64,
         new_primary: String,
         reason: String,
+        at: String,
+    },
+    /// A backup of a cluster starts, with its operation; refused (`Conflict`) while another
+    /// backup of the same cluster runs.
+    StartBackup {
+        backup: Backup,
+        operation: Operation,
+    },
+    /// Ends a backup operation with what the agent reported.
+    FinishBackup {
+        operation_id: String,
+        succeeded: bool,
+        kind_taken: String,
+        host_id: String,
+        from_standby: bool,
+        label: String,
+        size_bytes: i64,
+        stored_bytes: i64,
+        stop_lsn: String,
+        error: String,
         at: String,
     },
     /// Ends a provisioning operation: the database becomes `active` (or `failed`).

@@ -134,3 +134,35 @@ pub struct Operation {
     pub created_at: String,
     pub updated_at: String,
 }
+
+/// A backup of a cluster into the repository, as the control plane scheduled and recorded it
+/// (the repository itself is the agents' business; this is what operators and the scheduler see).
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct Backup {
+    pub operation_id: String,
+    pub cluster_id: String,
+    /// `full` or `incr`, as requested.
+    pub kind: String,
+    /// What the agent took (an incremental backup without a prior one is a full one).
+    pub kind_taken: String,
+    /// `schedule`, or who asked.
+    pub requested_by: String,
+    pub retention_days: i64,
+    /// An [`op_state`] value.
+    pub state: String,
+    pub host_id: String,
+    pub from_standby: bool,
+    pub label: String,
+    pub size_bytes: i64,
+    pub stored_bytes: i64,
+    pub stop_lsn: String,
+    pub error: String,
+    pub created_at: String,
+    pub finished_at: String,
+}
+
+/// Operation kinds.
+pub mod op_kind {
+    pub const PROVISION: &str = "provision";
+    pub const BACKUP: &str = "backup";
+}

@@ -3,7 +3,7 @@
 
 use sqlx::SqlitePool;
 
-use super::model::{Cluster, Database, Host, Member, Operation, Team};
+use super::model::{Backup, Cluster, Database, Host, Member, Operation, Team};
 
 /// The team whose token hashes to `token_hash`.
 pub async fn team_by_token_hash(pool: &SqlitePool, token_hash: &str) -> Result<Option<Team>, sqlx::Error> {
@@ -97,4 +97,44 @@ pub async fn members(pool: &SqlitePool, cluster_id: &str) -> Result<Vec<Member>,
 /// Every member of every cluster (placement and port allocation).
 pub async fn all_members(pool: &SqlitePool) -> Result<Vec<Member>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM cluster_members ORDER BY cluster_id, host_id").fetch_all(pool).await
+}
+
+pub async fn backup(pool: &SqlitePool, operation_id: &str) -> Result<Option<Backup>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM backups WHERE operation_id = ?").bind(operation_id).fetch_optional(pool).await
+}
+
+/// Backups, newest first: of one cluster, or of all; at most `limit`.
+pub async fn backups(pool: &SqlitePool, cluster_id: Option<&str>, limit: i64) -> Result<Vec<Backup>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM backups WHERE (?1 IS NULL OR cluster_id = ?1) ORDER BY created_at DESC, operation_id LIMIT ?2",
+    )
+    .bind(cluster_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Per cluster, what the backup scheduler needs: when the last successful full and any
+/// successful backup were requested, when the last failure ended, and whether one runs.
+pub async fn backup_history(pool: &SqlitePool) -> Result<Vec<BackupHistory>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT cluster_id,
+            max(CASE WHEN state = 'succeeded' AND kind_taken = 'full' THEN created_at END) AS last_full,
+            max(CASE WHEN state = 'succeeded' THEN created_at END) AS last_any,
+            max(CASE WHEN state = 'failed' THEN finished_at END) AS last_failure,
+            max(state = 'running') AS running
+         FROM backups GROUP BY cluster_id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// One cluster's row of [`backup_history`] (RFC 3339 times).
+#[derive(Debug, Clone, Default, sqlx::FromRow, PartialEq)]
+pub struct BackupHistory {
+    pub cluster_id: String,
+    pub last_full: Option<String>,
+    pub last_any: Option<String>,
+    pub last_failure: Option<String>,
+    pub running: bool,
 }

@@ -1,0 +1,165 @@
+//! Backups the control plane asked this agent for, by operation id: a backup outlives the
+//! gRPC call that started it (a control-plane leader change retries the call), so a repeated
+//! request joins the running backup or gets its result instead of starting a second one.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use steward_proto::v1::BackupReply;
+use tokio::sync::watch;
+
+use crate::backup::base::{self, BackupOptions};
+use crate::backup::expire;
+use crate::backup::manifest::BackupKind;
+use crate::backup::Repository;
+use crate::pg::{Instance, Upstream, WalArchiving};
+
+/// How many finished results are kept for late retries.
+const KEEP_FINISHED: usize = 64;
+
+type Outcome = Option<Result<BackupReply, String>>;
+
+/// Running and recently finished backups.
+#[derive(Default)]
+pub struct BackupJobs {
+    jobs: Mutex<Jobs>,
+}
+
+#[derive(Default)]
+struct Jobs {
+    by_id: HashMap<String, watch::Receiver<Outcome>>,
+    /// Finished ids, oldest first, so the map stays bounded.
+    finished: Vec<String>,
+}
+
+impl BackupJobs {
+    /// Runs `job` under `operation_id` unless it runs already (or finished recently), and waits
+    /// for its result. The job runs to its end even if every caller gives up.
+    pub async fn run<F>(&self, operation_id: &str, job: F) -> Result<BackupReply, String>
+    where
+        F: Future<Output = Result<BackupReply, String>> + Send + 'static,
+    {
+        let mut rx = {
+            let mut jobs = self.jobs.lock().map_err(|_| "backup job table poisoned".to_string())?;
+            match jobs.by_id.get(operation_id) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    jobs.by_id.insert(operation_id.to_string(), rx.clone());
+                    tokio::spawn(async move {
+                        let outcome = job.await;
+                        let _ = tx.send(Some(outcome));
+                    });
+                    rx
+                }
+            }
+        };
+        let outcome = loop {
+            if let Some(o) = rx.borrow_and_update().clone() {
+                break o;
+            }
+            if rx.changed().await.is_err() {
+                break Err("the backup task ended without a result".to_string());
+            }
+        };
+        self.finished(operation_id, outcome.is_ok());
+        outcome
+    }
+
+    /// Remembers a success for late retries; forgets a failure, so a retry runs again.
+    fn finished(&self, operation_id: &str, ok: bool) {
+        let Ok(mut jobs) = self.jobs.lock() else { return };
+        if !ok {
+            jobs.by_id.remove(operation_id);
+            return;
+        }
+        if !jobs.finished.iter().any(|id| id == operation_id) {
+            jobs.finished.push(operation_id.to_string());
+        }
+        while jobs.finished.len() > KEEP_FINISHED {
+            let old = jobs.finished.remove(0);
+            jobs.by_id.remove(&old);
+        }
+    }
+}
+
+/// One backup of `stanza` from `inst` (primary, or a standby of `primary`), then the expire
+/// of what `retention_days` no longer needs (0: none).
+pub async fn run_backup(
+    inst: Arc<Instance>,
+    archiving: WalArchiving,
+    stanza: String,
+    kind: BackupKind,
+    primary: Option<Upstream>,
+    retention_days: u32,
+) -> Result<BackupReply, String> {
+    let repo = Repository::open(&archiving.repo.display().to_string()).map_err(|e| e.to_string())?;
+    let parallel = inst.spec().cores.clamp(1, 4) as usize;
+    let opts = BackupOptions { kind, parallel, primary, ..Default::default() };
+    let m = base::take(&inst, &repo, &stanza, opts).await.map_err(|e| e.to_string())?;
+    let mut reply = BackupReply {
+        label: m.label.clone(),
+        kind: if m.kind == BackupKind::Full { "full" } else { "incr" }.into(),
+        size_bytes: m.size_bytes,
+        stored_bytes: m.stored_bytes,
+        from_standby: m.from_standby,
+        start_lsn: m.start_lsn.clone(),
+        stop_lsn: m.stop_lsn.clone(),
+        started_at: m.started_at.clone(),
+        stopped_at: m.stopped_at.clone(),
+        ..Default::default()
+    };
+    if retention_days > 0 {
+        match expire::expire(&repo, &stanza, retention_days, chrono::Utc::now(), false).await {
+            Ok(r) => {
+                reply.expired_backups = r.plan.remove.len() as u32;
+                reply.expired_wal_files = r.wal_removed as u64;
+            }
+            Err(e) => {
+                tracing::warn!(stanza, error = %e, "expire after the backup failed");
+                reply.expire_error = e.to_string();
+            }
+        }
+    }
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn a_repeated_request_joins_the_running_job() {
+        let jobs = Arc::new(BackupJobs::default());
+        let runs = Arc::new(AtomicU32::new(0));
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let counter = runs.clone();
+        let job = move |label: &'static str, wait: Option<tokio::sync::oneshot::Receiver<()>>| {
+            let runs = counter.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                if let Some(w) = wait {
+                    let _ = w.await;
+                }
+                Ok(BackupReply { label: label.into(), ..Default::default() })
+            }
+        };
+        let (j1, j2) = (jobs.clone(), jobs.clone());
+        let f1 = job("a", Some(wait));
+        let first = tokio::spawn(async move { j1.run("op-1", f1).await });
+        tokio::task::yield_now().await;
+        let second = tokio::spawn(async move { j2.run("op-1", async { Err("must not run".to_string()) }).await });
+        tokio::task::yield_now().await;
+        go.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap().label, "a");
+        assert_eq!(second.await.unwrap().unwrap().label, "a");
+        // finished: a late retry gets the same result without running again
+        assert_eq!(jobs.run("op-1", async { Err("must not run".to_string()) }).await.unwrap().label, "a");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        // a failure is forgotten, so the retry runs
+        assert!(jobs.run("op-2", async { Err("disk full".to_string()) }).await.is_err());
+        assert_eq!(jobs.run("op-2", job("b", None)).await.unwrap().label, "b");
+    }
+}
