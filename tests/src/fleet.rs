@@ -60,13 +60,25 @@ impl Fleet {
     }
 
     /// Like [`Fleet::start`], with `(host index, MiB)` tmpfs mounts as those hosts' data paths.
+    /// Scheduled backups are off (scenarios that test them use [`Fleet::start_with_backups`]).
     pub async fn start_with(cp: usize, n: u8, small_disks: &[(usize, u32)]) -> Result<Self> {
+        Self::launch(cp, n, small_disks, &["--backup-full-every", "off"]).await
+    }
+
+    /// Like [`Fleet::start`], with the control plane scheduling a full backup of every cluster
+    /// that serves databases every hour (so once, right away) and no incremental ones.
+    pub async fn start_with_backups(cp: usize, n: u8) -> Result<Self> {
+        Self::launch(cp, n, &[], &["--backup-full-every", "1h", "--backup-incr-every", "off"]).await
+    }
+
+    async fn launch(cp: usize, n: u8, small_disks: &[(usize, u32)], cp_args: &[&str]) -> Result<Self> {
         let mut lab = Lab::new()?;
         let scratch = Scratch::new("steward-fleet-")?;
         let root = scratch.path().to_path_buf();
         let (token_file, admin) = admin_token(&root)?;
         let ip = lab.bridge_ip().to_string();
-        let mut nodes: Vec<Node> = (1..=cp as u64).map(|id| Node::new_on(&ip, &root, id, &token_file, &[])).collect();
+        let mut nodes: Vec<Node> =
+            (1..=cp as u64).map(|id| Node::new_on(&ip, &root, id, &token_file, cp_args)).collect();
         let members: Vec<String> = nodes.iter().map(Node::member).collect();
         for node in nodes.iter_mut() {
             for m in &members {

@@ -278,23 +278,77 @@ async fn primary_postgres_hung() -> Result<()> {
     finish(s, &old, at).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn backup_state_reaches_the_control_plane_metrics() -> Result<()> {
+/// Backups run by the control plane: the schedule takes a full backup of the new cluster, an
+/// operator asks for an incremental one, which comes from a standby; the chain restores into a
+/// new server that holds the rows written before it; the backup age and the repository size
+/// reach the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_come_from_a_standby_and_restore() -> Result<()> {
+    use steward_proto::v1::{BackupInfo, ListBackupsRequest, StartBackupRequest};
+    use steward_tests::sim::{op_req, operator};
+
     let _serial = SERIAL.lock().await;
-    let fleet = Fleet::start(1, 3).await?;
-    fleet.ha_database().await?;
+    let fleet = Fleet::start_with_backups(1, 3).await?;
+    let uri = fleet.ha_database().await?;
     let c = fleet.cluster().await?;
-    // An operator's backup of the primary, through its unix socket.
-    let host_dir = fleet.scratch.path().join(&c.primary_host);
-    let out = std::process::Command::new(steward_tests::bin("steward-agent"))
-        .args(["backup", "--repo", &fleet.scratch.path().join("repo").display().to_string(), "--stanza", &c.id])
-        .args(["--pg-data", &host_dir.join("clusters").join(&c.id).join("pgdata").display().to_string()])
-        .args(["--socket-dir", &host_dir.join("run").display().to_string(), "--port", "5432", "--output", "json"])
-        .output()?;
-    ensure!(out.status.success(), "backup failed: {}", String::from_utf8_lossy(&out.stderr));
-    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    ensure!(manifest["kind"] == "full" && manifest["files"].as_array().is_some_and(|f| !f.is_empty()), "{manifest}");
-    // The primary's agent reports it (its repository report refreshes every 30 s).
+    let node = fleet.nodes[0].grpc.clone();
+    let backup = |op: Option<String>| {
+        let (node, admin, cluster) = (node.clone(), fleet.admin.clone(), c.id.clone());
+        async move {
+            let r = operator(&node)?
+                .list_backups(op_req(&admin, ListBackupsRequest { cluster_id: cluster, limit: 10 }))
+                .await?
+                .into_inner();
+            let b: Option<BackupInfo> =
+                r.backups.into_iter().find(|b| op.as_ref().is_none_or(|id| &b.operation_id == id));
+            match b {
+                Some(b) if b.state == "failed" => anyhow::bail!("backup failed: {b:?}"),
+                Some(b) if b.state == "succeeded" => Ok(Some(b)),
+                _ => Ok(None),
+            }
+        }
+    };
+
+    // The schedule backs up a cluster that serves a database right away (none exists yet).
+    let full = wait_for("the scheduled full backup", Duration::from_secs(180), || backup(None)).await?;
+    ensure!(full.kind_taken == "full" && full.requested_by == "schedule" && full.size_bytes > 0, "{full:?}");
+
+    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(conn);
+    client.batch_execute("INSERT INTO acks (id, server) SELECT g, 'before-incr' FROM generate_series(1, 50) g").await?;
+
+    // An operator's incremental backup, taken from a standby while the primary serves.
+    let op = operator(&node)?
+        .start_backup(op_req(&fleet.admin, StartBackupRequest { cluster_id: c.id.clone(), kind: "incr".into() }))
+        .await?
+        .into_inner();
+    ensure!(op.kind == "backup" && op.state == "running", "{op:?}");
+    let incr =
+        wait_for("the operator's incremental backup", Duration::from_secs(180), || backup(Some(op.id.clone()))).await?;
+    ensure!(incr.kind_taken == "incr" && incr.label.starts_with(&full.label), "{incr:?} after {full:?}");
+    ensure!(incr.from_standby && incr.host_id != c.primary_host, "not from a standby: {incr:?}");
+    ensure!(incr.stored_bytes < full.stored_bytes, "incremental stored more than the full one: {incr:?}");
+    client.batch_execute("INSERT INTO acks (id, server) VALUES (1000, 'after-incr')").await?;
+    drop(client);
+    task.abort();
+
+    // Restore the chain as of the incremental backup's end into a new server: a standby's
+    // backup (pg_control copied last) must reach consistency and hold the rows.
+    let (restored, port) = restore_and_start(&fleet, &c.id, &incr.stop_lsn).await?;
+    let db: String = restored
+        .query_one("SELECT datname FROM pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1')", &[])
+        .await?
+        .get(0);
+    drop(restored);
+    let sock = fleet.scratch.path().join("restored").join("sock");
+    let conninfo = format!("host={} port={port} user=postgres dbname={db}", sock.display());
+    let (rc, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(conn);
+    let before: i64 = rc.query_one("SELECT count(*) FROM acks WHERE server = 'before-incr'", &[]).await?.get(0);
+    ensure!(before == 50, "the restored server has {before} of the 50 rows written before the backup");
+    task.abort();
+
+    // The primary's agent reports the newest backup and the stanza's size (every 30 s).
     let age = format!("steward_backup_last_success_age_seconds{{cluster=\"{}\",host=\"{}\"}} ", c.id, c.primary_host);
     let size = format!("steward_repository_bytes{{cluster=\"{}\",host=\"{}\"}} ", c.id, c.primary_host);
     wait_for("the backup in the control plane's metrics", Duration::from_secs(75), || async {
@@ -302,10 +356,52 @@ async fn backup_state_reaches_the_control_plane_metrics() -> Result<()> {
         let text = m.as_str().unwrap_or("").to_string();
         let value =
             |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.trim().parse::<i64>().ok());
-        Ok(match (value(&age), value(&size)) {
-            (Some(a), Some(b)) if a >= 0 && b > 0 => Some(()),
+        let succeeded = text.lines().find_map(|l| l.strip_prefix("steward_backups{state=\"succeeded\"} "));
+        Ok(match (value(&age), value(&size), succeeded) {
+            (Some(a), Some(b), Some("2")) if a >= 0 && b > 0 => Some(()),
             _ => None,
         })
     })
     .await
+}
+
+/// Restores `stanza` from the fleet's repository up to `stop_lsn` into `<scratch>/restored`,
+/// starts it on loopback (no archiving) and waits until recovery ended; returns a superuser
+/// connection and the port. The fleet's scratch directory stops it when the test ends.
+async fn restore_and_start(fleet: &Fleet, stanza: &str, stop_lsn: &str) -> Result<(tokio_postgres::Client, u16)> {
+    use steward_agent::backup::{self, RecoveryTarget, RestoreOptions};
+    use steward_agent::pg::{Instance, InstanceSpec, PgBinaries, RunAs};
+
+    let dir = fleet.scratch.path().join("restored");
+    let repo = backup::Repository::open(&fleet.scratch.path().join("repo").display().to_string())?;
+    let run_as = RunAs::detect()?;
+    let opts = RestoreOptions {
+        label: None,
+        target: RecoveryTarget::Lsn(stop_lsn.to_string()),
+        agent_exe: fleet.scratch.path().join("steward-agent"),
+        parallel: 2,
+        delta: false,
+    };
+    backup::restore(&repo, stanza, &dir.join("data"), &run_as, &opts).await?;
+    let port = steward_tests::free_port();
+    let spec = InstanceSpec {
+        cluster_id: "restored".into(),
+        data_dir: dir.join("data"),
+        socket_dir: dir.join("sock"),
+        port,
+        listen_addresses: "127.0.0.1".into(),
+        memory_budget_bytes: 256 << 20,
+        cores: 1,
+        archive: None,
+    };
+    let inst = Instance::new(spec, PgBinaries::discover(None)?, run_as);
+    inst.write_config().await?;
+    inst.start().await?;
+    let client = inst.superuser_client().await?;
+    wait_for("the restored server to finish recovery", Duration::from_secs(120), || async {
+        let r: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+        Ok((!r).then_some(()))
+    })
+    .await?;
+    Ok((client, port))
 }
