@@ -74,7 +74,9 @@ pub struct Host {
     pub wake: Notify,
     pub started: Instant,
     /// Backups the control plane asked for, joined by retries of the same operation.
-    pub backups: crate::backup_jobs::BackupJobs,
+    pub backups: crate::jobs::JobTable<steward_proto::v1::BackupReply>,
+    /// Database restores (clones) the control plane asked for, likewise.
+    pub restores: crate::jobs::JobTable<steward_proto::v1::RestoreDatabaseReply>,
 }
 
 /// Slot name of a member on its primary.
@@ -104,6 +106,7 @@ impl Host {
             wake: Notify::new(),
             started: Instant::now(),
             backups: Default::default(),
+            restores: Default::default(),
         }
     }
 

@@ -5,7 +5,6 @@
 #![allow(clippy::result_large_err)]
 
 pub mod backup;
-pub mod backup_jobs;
 pub mod facts;
 pub mod pg;
 
@@ -13,8 +12,10 @@ pub mod config;
 pub mod daemon;
 pub mod heartbeat;
 pub mod host;
+pub mod jobs;
 pub mod lease;
 pub mod monitor;
 pub mod repo_report;
 pub mod service;
 pub mod state;
+pub mod tasks;

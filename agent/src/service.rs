@@ -8,7 +8,7 @@ use steward_proto::v1::agent_server::Agent;
 use steward_proto::v1::{
     AgentStatusReply, AgentStatusRequest, BackupReply, BackupRequest, EnsureDatabaseReply, EnsureDatabaseRequest,
     EnsureInstanceReply, EnsureInstanceRequest, FenceReply, FenceRequest, PeerLeaseReply, PeerLeaseRequest,
-    PromoteReply, PromoteRequest,
+    PromoteReply, PromoteRequest, RestoreDatabaseReply, RestoreDatabaseRequest, SwitchWalReply, SwitchWalRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -66,6 +66,21 @@ fn record_from(r: &EnsureInstanceRequest, port: u16) -> Result<ClusterRecord, St
 /// The tonic service.
 pub struct AgentService {
     pub host: Arc<Host>,
+}
+
+impl AgentService {
+    /// This host's running primary of the cluster at `epoch` (refusing older epochs).
+    async fn serving_primary(&self, cluster_id: &str, epoch: u64) -> Result<Arc<crate::pg::Instance>, Status> {
+        let rec = self.host.admit(cluster_id, epoch, None).await.map_err(refusal)?;
+        if !rec.is_primary() || rec.fenced {
+            return Err(Status::failed_precondition("this member is not a serving primary"));
+        }
+        let inst = self.host.instance(cluster_id, &rec).await.map_err(|e| Status::internal(e.to_string()))?;
+        if !inst.is_running().await {
+            return Err(Status::failed_precondition(format!("PostgreSQL of cluster {cluster_id} is not running here")));
+        }
+        Ok(inst)
+    }
 }
 
 #[tonic::async_trait]
@@ -170,9 +185,62 @@ impl Agent for AgentService {
         });
         tracing::info!(cluster = %r.cluster_id, op = %r.operation_id, kind = %r.kind, from_standby = primary.is_some(),
             "backup requested");
-        let job =
-            crate::backup_jobs::run_backup(inst, archiving, r.cluster_id.clone(), kind, primary, r.retention_days);
+        let job = crate::tasks::run_backup(inst, archiving, r.cluster_id.clone(), kind, primary, r.retention_days);
         let reply = self.host.backups.run(&r.operation_id, job).await.map_err(Status::internal)?;
+        Ok(Response::new(reply))
+    }
+
+    async fn switch_wal(&self, req: Request<SwitchWalRequest>) -> Result<Response<SwitchWalReply>, Status> {
+        let r = req.into_inner();
+        valid_cluster_id(&r.cluster_id)?;
+        let inst = self.serving_primary(&r.cluster_id, r.epoch).await?;
+        let archived_segment =
+            crate::tasks::switch_wal(&inst, Duration::from_secs(120)).await.map_err(Status::unavailable)?;
+        Ok(Response::new(SwitchWalReply { archived_segment }))
+    }
+
+    async fn restore_database(
+        &self,
+        req: Request<RestoreDatabaseRequest>,
+    ) -> Result<Response<RestoreDatabaseReply>, Status> {
+        let r = req.into_inner();
+        valid_cluster_id(&r.cluster_id)?;
+        valid_cluster_id(&r.source_cluster_id)?;
+        let op_ok =
+            |s: &str| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !op_ok(&r.operation_id) {
+            return Err(Status::invalid_argument("operation_id must be 1-64 letters, digits or '-'"));
+        }
+        for (what, name) in [("database", &r.database), ("role", &r.role), ("source_database", &r.source_database)] {
+            crate::pg::sql::validate_identifier(what, name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let target_time = match r.target_time.as_str() {
+            "" => None,
+            t => Some(
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map_err(|e| Status::invalid_argument(format!("target_time {t:?} is not RFC 3339: {e}")))?,
+            ),
+        };
+        let archiving =
+            self.host.archiving.clone().ok_or_else(|| {
+                Status::failed_precondition("this agent has no backup repository: start it with --repo")
+            })?;
+        let target = self.serving_primary(&r.cluster_id, r.epoch).await?;
+        tracing::info!(cluster = %r.cluster_id, op = %r.operation_id, source = %r.source_cluster_id,
+            database = %r.database, target_time = %r.target_time, "database restore requested");
+        let job = crate::tasks::restore_database(crate::tasks::DatabaseRestore {
+            target,
+            archiving,
+            work_dir: crate::tasks::restore_work_dir(&self.host.cfg.data_path, &r.operation_id),
+            operation_id: r.operation_id.clone(),
+            source_cluster: r.source_cluster_id,
+            source_database: r.source_database,
+            target_time,
+            database: r.database,
+            role: r.role,
+            password_scram: r.password_scram,
+        });
+        let reply = self.host.restores.run(&r.operation_id, job).await.map_err(Status::internal)?;
         Ok(Response::new(reply))
     }
 

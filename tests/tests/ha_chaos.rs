@@ -328,7 +328,14 @@ async fn scheduled_backups_come_from_a_standby_and_restore() -> Result<()> {
     ensure!(incr.kind_taken == "incr" && incr.label.starts_with(&full.label), "{incr:?} after {full:?}");
     ensure!(incr.from_standby && incr.host_id != c.primary_host, "not from a standby: {incr:?}");
     ensure!(incr.stored_bytes < full.stored_bytes, "incremental stored more than the full one: {incr:?}");
-    client.batch_execute("INSERT INTO acks (id, server) VALUES (1000, 'after-incr')").await?;
+    // A point a second before one more commit, for the point-in-time copy below.
+    client.batch_execute("INSERT INTO acks (id, server) VALUES (2000, 'kept')").await?;
+    let target: String = client
+        .query_one("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')", &[])
+        .await?
+        .get(0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client.batch_execute("INSERT INTO acks (id, server) VALUES (3000, 'after-target')").await?;
     drop(client);
     task.abort();
 
@@ -346,6 +353,44 @@ async fn scheduled_backups_come_from_a_standby_and_restore() -> Result<()> {
     let task = tokio::spawn(conn);
     let before: i64 = rc.query_one("SELECT count(*) FROM acks WHERE server = 'before-incr'", &[]).await?.get(0);
     ensure!(before == 50, "the restored server has {before} of the 50 rows written before the backup");
+    task.abort();
+
+    // A product team copies its database to the point in time through REST: a new database of
+    // the same team holding exactly what was committed before the target.
+    let api = fleet.nodes[0].url("/v1/databases");
+    let (s, list) = fleet.rest.get(&api, &fleet.token).await?;
+    ensure!(s == 200, "list: {s} {list}");
+    let source_id = list["databases"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["name"] == "orders"))
+        .and_then(|d| d["id"].as_str())
+        .context("the orders database")?
+        .to_string();
+    let body = serde_json::json!({"target_time": target, "name": "orders_before"});
+    let (s, copy) = fleet.rest.post(&format!("{api}/{source_id}/restore"), &fleet.token, &body).await?;
+    ensure!(s == 202 && copy["restored_from"]["database_id"] == source_id.as_str(), "restore: {s} {copy}");
+    let copy_id = copy["id"].as_str().context("copy id")?.to_string();
+    let copy = wait_for("the point-in-time copy to become active", Duration::from_secs(300), || async {
+        let (s, v) = fleet.rest.get(&format!("{api}/{copy_id}"), &fleet.token).await?;
+        ensure!(s == 200 && v["state"] != "failed", "get copy: {s} {v}");
+        Ok((v["state"] == "active").then_some(v))
+    })
+    .await?;
+    ensure!(copy["owner"] == "shop" && copy["name"] == "orders_before", "{copy}");
+    let copy_uri = copy["connection"]["uri"].as_str().context("copy uri")?;
+    let (cc, conn) = tokio_postgres::connect(copy_uri, tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(conn);
+    let rows: Vec<(i64, String)> = cc
+        .query("SELECT id, server FROM acks WHERE id >= 1000 ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    ensure!(rows == vec![(2000, "kept".to_string())], "the copy at {target} holds {rows:?}");
+    let n: i64 = cc.query_one("SELECT count(*) FROM acks WHERE server = 'before-incr'", &[]).await?.get(0);
+    ensure!(n == 50, "the copy has {n} of the 50 earlier rows");
+    // The copy belongs to the team's role: it can write.
+    cc.batch_execute("INSERT INTO acks (id, server) VALUES (4000, 'copy')").await?;
     task.abort();
 
     // The primary's agent reports the newest backup and the stanza's size (every 30 s).

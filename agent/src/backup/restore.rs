@@ -432,14 +432,17 @@ pub async fn restore(
     }
 
     let chain = &chain;
-    let bytes: u64 = stream::iter(chain[0].files.iter().filter(|f| !unchanged.contains(&f.path)))
-        .map(|f| async move {
-            let (base, deltas) = fetch_objects(repo, chain, f).await?;
-            let (entry, path, run_as) = (f.clone(), pg_data.join(&f.path), run_as.clone());
-            tokio::task::spawn_blocking(move || restore_file(&path, &entry, &base, &deltas, &run_as))
+    // Owned entries: a stream over borrowed ones makes this future unprovably Send to callers
+    // that spawn it.
+    let todo: Vec<FileEntry> = chain[0].files.iter().filter(|f| !unchanged.contains(&f.path)).cloned().collect();
+    let bytes: u64 = stream::iter(todo)
+        .map(|f: FileEntry| async move {
+            let (base, deltas) = fetch_objects(repo, chain, &f).await?;
+            let (size, path, run_as) = (f.size, pg_data.join(&f.path), run_as.clone());
+            tokio::task::spawn_blocking(move || restore_file(&path, &f, &base, &deltas, &run_as))
                 .await
                 .map_err(|e| BackupError::Task(e.to_string()))??;
-            Ok::<u64, BackupError>(f.size)
+            Ok::<u64, BackupError>(size)
         })
         .buffer_unordered(opts.parallel.max(1))
         .try_fold(0u64, |acc, n| async move { Ok(acc + n) })

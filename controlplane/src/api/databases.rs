@@ -11,11 +11,12 @@ use sqlx::SqlitePool;
 
 use super::auth::{caller, Caller};
 use super::error::ApiError;
-use super::validate::{self, NewDatabase};
+use super::validate::{self, NewDatabase, RestoreRequest, ValidDatabase};
 use super::AppState;
 use crate::reconcile::placement::{self, Candidate, HaCluster, HaPlacement, Placement};
 use crate::state::model::{
-    cluster_state, db_state, host_state, member_role, op_state, Cluster, Database, Host, Member, Operation,
+    cluster_state, db_state, host_state, member_role, op_kind, op_state, Cluster, Database, Host, Member, Operation,
+    RestoreSource,
 };
 use crate::state::{query, Command, Response};
 
@@ -57,6 +58,9 @@ pub async fn connection(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx:
 pub async fn view(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx::Error> {
     let conn = if db.state == db_state::ACTIVE { connection(pool, db).await? } else { Value::Null };
     let op = query::provision_operation_of(pool, &db.id).await?;
+    let restored_from = query::restore_source(pool, &db.id).await?.map(|r| {
+        json!({"database_id": r.source_database_id, "target_time": (!r.target_time.is_empty()).then_some(r.target_time)})
+    });
     Ok(json!({
         "id": db.id,
         "name": db.name,
@@ -69,6 +73,7 @@ pub async fn view(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx::Error
         "created_at": db.created_at,
         "updated_at": db.updated_at,
         "operation_id": op.map(|o| o.id),
+        "restored_from": restored_from,
         "connection": conn,
     }))
 }
@@ -210,16 +215,7 @@ pub async fn create(
             return Err(ApiError::Unprocessable("owner is required: name the team that owns this database".into()))
         }
     };
-    let idempotency_key = match headers.get("idempotency-key") {
-        Some(v) => {
-            let k = v.to_str().map_err(|_| ApiError::BadRequest("Idempotency-Key must be plain text".into()))?;
-            if k.is_empty() || k.len() > 200 {
-                return Err(ApiError::BadRequest("Idempotency-Key must be 1-200 characters".into()));
-            }
-            Some(k.to_string())
-        }
-        None => None,
-    };
+    let idempotency_key = idempotency_key(&headers)?;
     state.node.linearizable_read().await?;
     let pool = state.node.store.pool();
     if query::team(pool, &owner).await?.is_none() {
@@ -235,13 +231,44 @@ pub async fn create(
         }
     }
     let planned = plan_placement(pool, &valid.availability).await?;
+    let actor = actor_of(&who);
+    let new = NewRecord { owner, valid, kind: op_kind::PROVISION, restore_of: None };
+    submit(&state, planned, new, idempotency_key, actor).await
+}
+
+fn actor_of(who: &Caller) -> String {
+    match who {
+        Caller::Admin => "admin".to_string(),
+        Caller::Team(t) => format!("team:{t}"),
+    }
+}
+
+/// What a new database record is made of, besides its placement.
+struct NewRecord {
+    owner: String,
+    valid: ValidDatabase,
+    /// Operation kind that brings it up: `provision`, or `restore` for a point-in-time copy.
+    kind: &'static str,
+    restore_of: Option<RestoreSource>,
+}
+
+/// Writes a new database with its operation through Raft and answers 202 with its view.
+async fn submit(
+    state: &AppState,
+    planned: Planned,
+    new: NewRecord,
+    idempotency_key: Option<String>,
+    actor: String,
+) -> Result<HttpResponse, ApiError> {
+    let pool = state.node.store.pool();
     let id = uuid::Uuid::new_v4().to_string();
-    let pg_name = placement::pg_name(&valid.name, &id, &planned.taken_pg_names);
+    let pg_name = placement::pg_name(&new.valid.name, &id, &planned.taken_pg_names);
     let at = crate::now();
+    let valid = new.valid;
     let database = Database {
         id: id.clone(),
         name: valid.name,
-        owner: owner.clone(),
+        owner: new.owner,
         purpose: valid.purpose,
         plan: valid.plan,
         availability: valid.availability,
@@ -256,19 +283,16 @@ pub async fn create(
     };
     let operation = Operation {
         id: uuid::Uuid::new_v4().to_string(),
-        kind: "provision".into(),
-        database_id: id,
+        kind: new.kind.into(),
+        database_id: id.clone(),
         state: op_state::RUNNING.into(),
         step: "queued".into(),
         attempts: 0,
         error: String::new(),
         created_at: at.clone(),
-        updated_at: at,
+        updated_at: at.clone(),
     };
-    let actor = match &who {
-        Caller::Admin => "admin".to_string(),
-        Caller::Team(t) => format!("team:{t}"),
-    };
+    let restore_of = new.restore_of.map(|r| RestoreSource { database_id: id, created_at: at, ..r });
     let cmd = Command::CreateDatabase {
         database,
         new_cluster: planned.new_cluster,
@@ -276,6 +300,7 @@ pub async fn create(
         operation,
         idempotency_key,
         actor,
+        restore_of,
     };
     let (db_id, replayed) = match state.node.write(cmd).await? {
         Response::DatabaseCreated { id, existing } => (id, existing),
@@ -295,6 +320,70 @@ pub async fn create(
         resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(resp)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get("idempotency-key") {
+        Some(v) => {
+            let k = v.to_str().map_err(|_| ApiError::BadRequest("Idempotency-Key must be plain text".into()))?;
+            if k.is_empty() || k.len() > 200 {
+                return Err(ApiError::BadRequest("Idempotency-Key must be 1-200 characters".into()));
+            }
+            Ok(Some(k.to_string()))
+        }
+        None => Ok(None),
+    }
+}
+
+/// `POST /v1/databases/{id}/restore`: a new database, owned by the same team, holding the
+/// source database as it was at `target_time` (or as the archive holds it last), restored from
+/// the source cluster's backups and WAL. The source keeps running untouched.
+pub async fn restore(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<RestoreRequest>, JsonRejection>,
+) -> Result<HttpResponse, ApiError> {
+    let who = caller(&state, &headers).await?;
+    let Json(req) = body?;
+    let idempotency_key = idempotency_key(&headers)?;
+    state.node.linearizable_read().await?;
+    let pool = state.node.store.pool();
+    let not_found = || ApiError::NotFound(format!("database {id} does not exist"));
+    let source = query::database(pool, &id).await?.ok_or_else(not_found)?;
+    if let Caller::Team(t) = &who {
+        if &source.owner != t {
+            return Err(not_found());
+        }
+    }
+    if source.state != db_state::ACTIVE {
+        return Err(ApiError::Conflict(format!(
+            "database {id} is {}: only an active database can be copied to a point in time",
+            source.state
+        )));
+    }
+    let first = query::first_backup_finished(pool, &source.cluster_id).await?;
+    let valid = validate::restore(&req, &source.name, &source.created_at, first.as_deref(), chrono::Utc::now())?;
+    let target = valid.target_time.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    let new = ValidDatabase {
+        name: valid.name,
+        purpose: format!("copy of {} at {}", source.name, target.as_deref().unwrap_or("the latest archived point")),
+        plan: source.plan.clone(),
+        availability: source.availability.clone(),
+        backup_retention_days: source.backup_retention_days,
+    };
+    let planned = plan_placement(pool, &new.availability).await?;
+    let restore_of = RestoreSource {
+        database_id: String::new(),
+        source_database_id: source.id.clone(),
+        source_cluster_id: source.cluster_id.clone(),
+        source_pg_name: source.pg_name.clone(),
+        target_time: target.unwrap_or_default(),
+        created_at: String::new(),
+    };
+    let new =
+        NewRecord { owner: source.owner.clone(), valid: new, kind: op_kind::RESTORE, restore_of: Some(restore_of) };
+    submit(&state, planned, new, idempotency_key, actor_of(&who)).await
 }
 
 pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {

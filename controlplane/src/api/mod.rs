@@ -37,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/teams", post(teams::create))
         .route("/v1/databases", post(databases::create).get(databases::list))
         .route("/v1/databases/:id", get(databases::get))
+        .route("/v1/databases/:id/restore", post(databases::restore))
         .route("/v1/operations/:id", get(operations::get))
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))

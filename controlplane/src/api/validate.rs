@@ -108,9 +108,109 @@ pub fn database(req: &NewDatabase) -> Result<ValidDatabase, ApiError> {
     })
 }
 
+/// Body of `POST /v1/databases/{id}/restore`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// RFC 3339; absent: the latest point the archive holds.
+    pub target_time: Option<String>,
+    /// Name of the new database; default `<source name>_<UTC timestamp of the target>`.
+    pub name: Option<String>,
+}
+
+/// A restore request that passed validation: the target (None: latest) and the new name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRestore {
+    pub target_time: Option<chrono::DateTime<chrono::Utc>>,
+    pub name: String,
+}
+
+/// Validates a point-in-time copy of a database created at `created_at` whose cluster's first
+/// successful backup finished at `first_backup` (RFC 3339), at `now`.
+pub fn restore(
+    req: &RestoreRequest,
+    source_name: &str,
+    created_at: &str,
+    first_backup: Option<&str>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<ValidRestore, ApiError> {
+    let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).map(|t| t.with_timezone(&chrono::Utc));
+    let target_time = match req.target_time.as_deref() {
+        None => None,
+        Some(t) => Some(parse(t).map_err(|e| {
+            ApiError::Unprocessable(format!(
+                "target_time '{t}' is not an RFC 3339 time such as 2026-11-25T10:15:00Z: {e}"
+            ))
+        })?),
+    };
+    if let Some(t) = target_time {
+        if t > now {
+            return Err(ApiError::Unprocessable(format!(
+                "target_time {t} is in the future; leave it out for the latest state"
+            )));
+        }
+        if parse(created_at).is_ok_and(|c| t < c) {
+            return Err(ApiError::Unprocessable(format!(
+                "target_time {t} is before the database was created ({created_at})"
+            )));
+        }
+    }
+    let Some(first) = first_backup else {
+        return Err(ApiError::Conflict(
+            "this database has no backup yet, so it cannot be restored: backups run on the control plane's schedule \
+             (an operator can start one now with `stewardctl cluster backup <cluster>`)"
+                .into(),
+        ));
+    };
+    if let (Some(t), Ok(f)) = (target_time, parse(first)) {
+        if t < f {
+            return Err(ApiError::Conflict(format!(
+                "the earliest point this database can be restored to is {first}, when its first backup finished"
+            )));
+        }
+    }
+    let name = match &req.name {
+        Some(n) => n.clone(),
+        None => {
+            let stamp = target_time.unwrap_or(now).format("%Y%m%d%H%M%S").to_string();
+            let keep = 48 - stamp.len() - 1;
+            format!("{}_{stamp}", &source_name[..source_name.len().min(keep)])
+        }
+    };
+    identifier("database name", &name)?;
+    Ok(ValidRestore { target_time, name })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_requests() {
+        let now: chrono::DateTime<chrono::Utc> = "2026-11-25T12:00:00Z".parse().unwrap();
+        let created = "2026-11-20T00:00:00.000Z";
+        let first = Some("2026-11-21T00:00:00.000Z");
+        let r = |t: Option<&str>, n: Option<&str>| RestoreRequest {
+            target_time: t.map(Into::into),
+            name: n.map(Into::into),
+        };
+        let ok = restore(&r(Some("2026-11-24T10:15:00+01:00"), None), "orders", created, first, now).unwrap();
+        assert_eq!(ok.name, "orders_20261124091500");
+        assert_eq!(ok.target_time.unwrap().to_rfc3339(), "2026-11-24T09:15:00+00:00");
+        let latest = restore(&r(None, Some("orders_copy")), "orders", created, first, now).unwrap();
+        assert_eq!((latest.target_time, latest.name.as_str()), (None, "orders_copy"));
+        let long = restore(&r(None, None), &"x".repeat(48), created, first, now).unwrap();
+        assert_eq!(long.name.len(), 48);
+        let err = |t: Option<&str>, n: Option<&str>, first: Option<&str>| {
+            restore(&r(t, n), "orders", created, first, now).unwrap_err().to_string()
+        };
+        assert!(err(Some("yesterday"), None, first).contains("RFC 3339"));
+        assert!(err(Some("2026-11-26T00:00:00Z"), None, first).contains("future"));
+        assert!(err(Some("2026-11-19T00:00:00Z"), None, first).contains("before the database was created"));
+        assert!(err(Some("2026-11-20T12:00:00Z"), None, first).contains("earliest point"));
+        assert!(err(None, None, None).contains("no backup yet"));
+        assert!(err(None, Some("Bad-Name"), first).contains("not valid"));
+    }
 
     fn req(name: &str, purpose: &str) -> NewDatabase {
         NewDatabase {

@@ -1,15 +1,16 @@
 //! The provision operation: make sure the cluster's instance runs on its host, create the
-//! database and owner role, then mark the database `active`. Each step is idempotent, so a new
+//! database and owner role, then mark the database `active`. A `restore` operation provisions
+//! the same way and then fills the new database from another database's backups. Each step is idempotent, so a new
 //! leader simply runs the operation again from the start.
 
 use std::time::Duration;
 
-use steward_proto::v1::{EnsureDatabaseRequest, EnsureInstanceRequest};
+use steward_proto::v1::{EnsureDatabaseRequest, EnsureInstanceRequest, RestoreDatabaseRequest, SwitchWalRequest};
 
 use super::topology::ensure_request;
 
 use super::Ctx;
-use crate::state::model::{cluster_state, host_state, member_role, Host, Member, Operation};
+use crate::state::model::{cluster_state, host_state, member_role, op_kind, Host, Member, Operation};
 use crate::state::{query, Command};
 
 /// Attempts before a provision is declared failed.
@@ -205,5 +206,50 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepErr
         .ensure_database(req)
         .await
         .map_err(|s| StepError::Retry(format!("agent {} ensure_database: {}", host.id, s.message())))?;
+
+    if op.kind == op_kind::RESTORE {
+        let src = query::restore_source(pool, &db.id)
+            .await
+            .map_err(read)?
+            .ok_or_else(|| StepError::Abandon("restore source vanished".into()))?;
+        step(ctx, op, attempts, "archive_source_wal").await?;
+        // Best effort: the source's latest commits reach the archive (a copy "as of now" then
+        // has them); a copy at an earlier time does not need it.
+        if let Err(e) = switch_source_wal(ctx, &src.source_cluster_id).await {
+            tracing::warn!(op = %op.id, source = %src.source_cluster_id, error = %e, "source WAL switch failed");
+        }
+        step(ctx, op, attempts, "restore_data").await?;
+        let mut req = tonic::Request::new(RestoreDatabaseRequest {
+            cluster_id: cluster.id.clone(),
+            epoch: cluster.epoch as u64,
+            operation_id: op.id.clone(),
+            source_cluster_id: src.source_cluster_id.clone(),
+            source_database: src.source_pg_name.clone(),
+            target_time: src.target_time.clone(),
+            database: db.pg_name.clone(),
+            role: db.role_name.clone(),
+            password_scram: steward_agent::pg::scram_verifier(&db.password),
+        });
+        req.set_timeout(Duration::from_secs(6 * 3600));
+        let r = agent
+            .restore_database(req)
+            .await
+            .map_err(|s| StepError::Retry(format!("agent {} restore_database: {}", host.id, s.message())))?
+            .into_inner();
+        tracing::info!(op = %op.id, database = %db.id, label = %r.backup_label, dump_bytes = r.dump_bytes,
+            "database filled from backup");
+    }
+    Ok(())
+}
+
+/// Asks the primary of `cluster_id` to close its WAL segment and wait until it is archived.
+async fn switch_source_wal(ctx: &Ctx, cluster_id: &str) -> Result<(), String> {
+    let pool = ctx.node.store.pool();
+    let cluster = query::cluster(pool, cluster_id).await.map_err(|e| e.to_string())?.ok_or("no such cluster")?;
+    let host = query::host(pool, &cluster.primary_host).await.map_err(|e| e.to_string())?.ok_or("no primary host")?;
+    let mut agent = ctx.agents.get(&host.agent_addr).await.map_err(|e| e.to_string())?;
+    let mut req = tonic::Request::new(SwitchWalRequest { cluster_id: cluster.id.clone(), epoch: cluster.epoch as u64 });
+    req.set_timeout(Duration::from_secs(150));
+    agent.switch_wal(req).await.map_err(|s| s.message().to_string())?;
     Ok(())
 }

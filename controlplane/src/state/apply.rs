@@ -76,7 +76,15 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
             }
             Ok(Response::Done)
         }
-        Command::CreateDatabase { database: db, new_cluster, new_members, operation, idempotency_key, actor } => {
+        Command::CreateDatabase {
+            database: db,
+            new_cluster,
+            new_members,
+            operation,
+            idempotency_key,
+            actor,
+            restore_of,
+        } => {
             if let Some(key) = idempotency_key {
                 let prior: Option<(String,)> =
                     sqlx::query_as("SELECT database_id FROM idempotency_keys WHERE team = ? AND key = ?")
@@ -208,6 +216,21 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                     .bind(&db.id)
                     .execute(&mut *conn)
                     .await?;
+            }
+            if let Some(r) = restore_of {
+                sqlx::query(
+                    "INSERT INTO restores (database_id, source_database_id, source_cluster_id, source_pg_name,
+                        target_time, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&db.id)
+                .bind(&r.source_database_id)
+                .bind(&r.source_cluster_id)
+                .bind(&r.source_pg_name)
+                .bind(&r.target_time)
+                .bind(&r.created_at)
+                .execute(&mut *conn)
+                .await?;
+                audit(conn, &db.created_at, actor, "database.restore", &r.source_database_id, &db.id).await?;
             }
             audit(conn, &db.created_at, actor, "database.create", &db.id, "accepted").await?;
             Ok(Response::DatabaseCreated { id: db.id.clone(), existing: false })

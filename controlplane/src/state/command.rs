@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Backup, Cluster, Database, Host, Member, Operation};
+use super::model::{Backup, Cluster, Database, Host, Member, Operation, RestoreSource};
 
 /// One change to the replicated state. (Variants differ in size; commands are short-lived and
 /// serialized right away, so boxing would buy nothing.)
@@ -39,6 +39,9 @@ pub enum Command {
         operation: Operation,
         idempotency_key: Option<String>,
         actor: String,
+        /// Set for a point-in-time copy of another database.
+        #[serde(default)]
+        restore_of: Option<RestoreSource>,
     },
     /// Progress of an operation that is still running.
     UpdateOperation {

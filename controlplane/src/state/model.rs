@@ -165,4 +165,19 @@ pub struct Backup {
 pub mod op_kind {
     pub const PROVISION: &str = "provision";
     pub const BACKUP: &str = "backup";
+    /// Provisioning of a database that is then filled from another one's backups.
+    pub const RESTORE: &str = "restore";
+}
+
+/// Where a database created as a point-in-time copy takes its data from.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct RestoreSource {
+    pub database_id: String,
+    pub source_database_id: String,
+    /// Stanza of the source's cluster in the backup repository.
+    pub source_cluster_id: String,
+    pub source_pg_name: String,
+    /// RFC 3339; empty for the latest archived WAL.
+    pub target_time: String,
+    pub created_at: String,
 }

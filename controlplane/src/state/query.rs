@@ -3,7 +3,7 @@
 
 use sqlx::SqlitePool;
 
-use super::model::{Backup, Cluster, Database, Host, Member, Operation, Team};
+use super::model::{Backup, Cluster, Database, Host, Member, Operation, RestoreSource, Team};
 
 /// The team whose token hashes to `token_hash`.
 pub async fn team_by_token_hash(pool: &SqlitePool, token_hash: &str) -> Result<Option<Team>, sqlx::Error> {
@@ -48,7 +48,8 @@ pub async fn running_operations(pool: &SqlitePool) -> Result<Vec<Operation>, sql
 /// The operation that provisions a database (its latest one).
 pub async fn provision_operation_of(pool: &SqlitePool, database_id: &str) -> Result<Option<Operation>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT * FROM operations WHERE database_id = ? AND kind = 'provision' ORDER BY created_at DESC LIMIT 1",
+        "SELECT * FROM operations WHERE database_id = ? AND kind IN ('provision', 'restore')
+         ORDER BY created_at DESC LIMIT 1",
     )
     .bind(database_id)
     .fetch_optional(pool)
@@ -137,4 +138,19 @@ pub struct BackupHistory {
     pub last_any: Option<String>,
     pub last_failure: Option<String>,
     pub running: bool,
+}
+
+/// Where a point-in-time copy takes its data from (None for other databases).
+pub async fn restore_source(pool: &SqlitePool, database_id: &str) -> Result<Option<RestoreSource>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM restores WHERE database_id = ?").bind(database_id).fetch_optional(pool).await
+}
+
+/// The earliest end of a successful backup of the cluster (RFC 3339), if any.
+pub async fn first_backup_finished(pool: &SqlitePool, cluster_id: &str) -> Result<Option<String>, sqlx::Error> {
+    let row: (Option<String>,) =
+        sqlx::query_as("SELECT min(finished_at) FROM backups WHERE cluster_id = ? AND state = 'succeeded'")
+            .bind(cluster_id)
+            .fetch_one(pool)
+            .await?;
+    Ok(row.0)
 }

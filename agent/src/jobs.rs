@@ -1,47 +1,45 @@
-//! Backups the control plane asked this agent for, by operation id: a backup outlives the
-//! gRPC call that started it (a control-plane leader change retries the call), so a repeated
-//! request joins the running backup or gets its result instead of starting a second one.
+//! Long jobs the control plane asked this agent for (backups, database restores), by operation
+//! id: a job outlives the gRPC call that started it (a control-plane leader change retries the
+//! call), so a repeated request joins the running job or gets its result instead of starting a
+//! second one.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use steward_proto::v1::BackupReply;
 use tokio::sync::watch;
-
-use crate::backup::base::{self, BackupOptions};
-use crate::backup::expire;
-use crate::backup::manifest::BackupKind;
-use crate::backup::Repository;
-use crate::pg::{Instance, Upstream, WalArchiving};
 
 /// How many finished results are kept for late retries.
 const KEEP_FINISHED: usize = 64;
 
-type Outcome = Option<Result<BackupReply, String>>;
+type Outcome<T> = Option<Result<T, String>>;
 
-/// Running and recently finished backups.
-#[derive(Default)]
-pub struct BackupJobs {
-    jobs: Mutex<Jobs>,
+/// Running and recently finished jobs with results of type `T`.
+pub struct JobTable<T> {
+    jobs: Mutex<Jobs<T>>,
 }
 
-#[derive(Default)]
-struct Jobs {
-    by_id: HashMap<String, watch::Receiver<Outcome>>,
+impl<T> Default for JobTable<T> {
+    fn default() -> Self {
+        JobTable { jobs: Mutex::new(Jobs { by_id: HashMap::new(), finished: Vec::new() }) }
+    }
+}
+
+struct Jobs<T> {
+    by_id: HashMap<String, watch::Receiver<Outcome<T>>>,
     /// Finished ids, oldest first, so the map stays bounded.
     finished: Vec<String>,
 }
 
-impl BackupJobs {
+impl<T: Clone + Send + Sync + 'static> JobTable<T> {
     /// Runs `job` under `operation_id` unless it runs already (or finished recently), and waits
     /// for its result. The job runs to its end even if every caller gives up.
-    pub async fn run<F>(&self, operation_id: &str, job: F) -> Result<BackupReply, String>
+    pub async fn run<F>(&self, operation_id: &str, job: F) -> Result<T, String>
     where
-        F: Future<Output = Result<BackupReply, String>> + Send + 'static,
+        F: Future<Output = Result<T, String>> + Send + 'static,
     {
         let mut rx = {
-            let mut jobs = self.jobs.lock().map_err(|_| "backup job table poisoned".to_string())?;
+            let mut jobs = self.jobs.lock().map_err(|_| "job table poisoned".to_string())?;
             match jobs.by_id.get(operation_id) {
                 Some(rx) => rx.clone(),
                 None => {
@@ -60,7 +58,7 @@ impl BackupJobs {
                 break o;
             }
             if rx.changed().await.is_err() {
-                break Err("the backup task ended without a result".to_string());
+                break Err("the job ended without a result".to_string());
             }
         };
         self.finished(operation_id, outcome.is_ok());
@@ -84,55 +82,16 @@ impl BackupJobs {
     }
 }
 
-/// One backup of `stanza` from `inst` (primary, or a standby of `primary`), then the expire
-/// of what `retention_days` no longer needs (0: none).
-pub async fn run_backup(
-    inst: Arc<Instance>,
-    archiving: WalArchiving,
-    stanza: String,
-    kind: BackupKind,
-    primary: Option<Upstream>,
-    retention_days: u32,
-) -> Result<BackupReply, String> {
-    let repo = Repository::open(&archiving.repo.display().to_string()).map_err(|e| e.to_string())?;
-    let parallel = inst.spec().cores.clamp(1, 4) as usize;
-    let opts = BackupOptions { kind, parallel, primary, ..Default::default() };
-    let m = base::take(&inst, &repo, &stanza, opts).await.map_err(|e| e.to_string())?;
-    let mut reply = BackupReply {
-        label: m.label.clone(),
-        kind: if m.kind == BackupKind::Full { "full" } else { "incr" }.into(),
-        size_bytes: m.size_bytes,
-        stored_bytes: m.stored_bytes,
-        from_standby: m.from_standby,
-        start_lsn: m.start_lsn.clone(),
-        stop_lsn: m.stop_lsn.clone(),
-        started_at: m.started_at.clone(),
-        stopped_at: m.stopped_at.clone(),
-        ..Default::default()
-    };
-    if retention_days > 0 {
-        match expire::expire(&repo, &stanza, retention_days, chrono::Utc::now(), false).await {
-            Ok(r) => {
-                reply.expired_backups = r.plan.remove.len() as u32;
-                reply.expired_wal_files = r.wal_removed as u64;
-            }
-            Err(e) => {
-                tracing::warn!(stanza, error = %e, "expire after the backup failed");
-                reply.expire_error = e.to_string();
-            }
-        }
-    }
-    Ok(reply)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use steward_proto::v1::BackupReply;
 
     #[tokio::test]
     async fn a_repeated_request_joins_the_running_job() {
-        let jobs = Arc::new(BackupJobs::default());
+        let jobs = Arc::new(JobTable::<BackupReply>::default());
         let runs = Arc::new(AtomicU32::new(0));
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
         let counter = runs.clone();

@@ -24,3 +24,16 @@ CREATE TABLE backups (
     finished_at    TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX backups_cluster ON backups (cluster_id, created_at);
+
+-- Databases created as a point-in-time copy of another one (POST /v1/databases/{id}/restore):
+-- where their data comes from. The `restore` operation fills them from the source cluster's
+-- backups and WAL.
+CREATE TABLE restores (
+    database_id        TEXT PRIMARY KEY REFERENCES databases (id),
+    source_database_id TEXT NOT NULL REFERENCES databases (id),
+    source_cluster_id  TEXT NOT NULL,
+    source_pg_name     TEXT NOT NULL,
+    -- RFC 3339; '' for the latest archived WAL.
+    target_time        TEXT NOT NULL,
+    created_at         TEXT NOT NULL
+);
