@@ -1,5 +1,6 @@
 //! Bad input against a real single-node control plane: malformed JSON, unknown owner, empty
-//! purpose, duplicate names, other teams' tokens, missing tokens. Each gets the documented
+//! purpose, duplicate names, other teams' tokens, missing tokens, point-in-time copies of
+//! databases one cannot copy. Each gets the documented
 //! status and message, and nothing is half-created.
 
 use std::time::Duration;
@@ -124,6 +125,18 @@ async fn bad_requests_get_clear_errors_and_change_nothing() -> Result<()> {
     ensure!(s == 404, "shop sees billing's operation: {s}");
     let (s, v) = rest.get(&node.url(&format!("/v1/operations/{op}")), &billing).await?;
     ensure!(s == 200 && v["kind"] == "provision", "own operation: {s} {v}");
+
+    // Point-in-time copies: only of one's own, active database, with a well-formed body.
+    let restore = format!("{dbs}/{id}/restore");
+    let (s, v) = rest.post(&restore, &billing, &json!({})).await?;
+    ensure!(s == 404, "billing copies shop's database: {s} {v}");
+    let (s, v) = rest.post(&restore, &shop, &json!({"target_time": "2026-11-25T10:00:00Z", "when": 1})).await?;
+    ensure!(s == 422 && message(&v).contains("when"), "unknown restore field: {s} {v}");
+    let (s, v) = rest.post(&format!("{dbs}/nope/restore"), &shop, &json!({})).await?;
+    ensure!(s == 404, "copy of a missing database: {s} {v}");
+    // (The simulated host never runs PostgreSQL, so the database stays provisioning.)
+    let (s, v) = rest.post(&restore, &shop, &json!({})).await?;
+    ensure!(s == 409 && message(&v).contains("only an active database"), "copy of a new database: {s} {v}");
 
     // Nothing half-created: exactly the three accepted databases exist.
     let (s, v) = rest.get(&dbs, &admin).await?;
