@@ -328,6 +328,16 @@ async fn scheduled_backups_come_from_a_standby_and_restore() -> Result<()> {
     ensure!(incr.kind_taken == "incr" && incr.label.starts_with(&full.label), "{incr:?} after {full:?}");
     ensure!(incr.from_standby && incr.host_id != c.primary_host, "not from a standby: {incr:?}");
     ensure!(incr.stored_bytes < full.stored_bytes, "incremental stored more than the full one: {incr:?}");
+    // Operators see both backups with stewardctl, newest first.
+    let out = std::process::Command::new(steward_tests::bin("stewardctl"))
+        .args(["--server", &node, "--token", &fleet.admin, "backups", "--cluster", &c.id, "--output", "json"])
+        .output()?;
+    ensure!(out.status.success(), "stewardctl backups: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let labels: Vec<&str> =
+        listed.as_array().map(|a| a.iter().filter_map(|b| b["label"].as_str()).collect()).unwrap_or_default();
+    ensure!(labels == vec![incr.label.as_str(), full.label.as_str()], "stewardctl backups: {listed}");
+
     // A point a second before one more commit, for the point-in-time copy below.
     client.batch_execute("INSERT INTO acks (id, server) VALUES (2000, 'kept')").await?;
     let target: String = client
