@@ -107,11 +107,12 @@ impl Repository {
         }
     }
 
-    /// Human-readable location, for messages.
+    /// The location as [`Repository::open`] takes it: for messages, and for the
+    /// restore_command a restore writes (an S3 location never holds credentials).
     pub fn location(&self) -> String {
         match self {
             Repository::Posix(p) => p.root.display().to_string(),
-            Repository::S3(s) => s.display(),
+            Repository::S3(s) => s.location().to_string(),
         }
     }
 

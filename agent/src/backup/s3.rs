@@ -46,6 +46,9 @@ const OPTIONS: [&str; 4] = ["endpoint", "region", "path_style", "credentials_fil
 /// what [`S3Repo::open`] connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Location {
+    /// The location as written (it never holds credentials), so a restore can write it into
+    /// the restored server's restore_command.
+    pub spec: String,
     /// The bucket name.
     pub bucket: String,
     /// Key prefix inside the bucket ("" for the bucket's root), without slashes at its ends.
@@ -120,6 +123,7 @@ impl S3Location {
             super::repo::check_key(prefix).map_err(|e| bad(format!("prefix: {e}")))?;
         }
         let mut loc = S3Location {
+            spec: location.to_string(),
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
             endpoint: None,
@@ -289,6 +293,11 @@ impl S3Repo {
     /// `s3://bucket/prefix`, for messages.
     pub fn display(&self) -> String {
         self.loc.display()
+    }
+
+    /// The full location, options included, as [`S3Location::parse`] accepts it.
+    pub fn location(&self) -> &str {
+        &self.loc.spec
     }
 
     fn path(&self, key: &str) -> Result<ObjectPath, BackupError> {
