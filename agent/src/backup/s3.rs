@@ -209,7 +209,8 @@ struct Credentials {
 /// Reads the credentials from `file` (when given) or the environment.
 fn credentials(loc: &S3Location) -> Result<Credentials, BackupError> {
     let bad = |why: String| BackupError::Repository { location: loc.display(), why };
-    let (lookup, source): (Box<dyn Fn(&str) -> Option<String>>, String) = match &loc.credentials_file {
+    const NAMES: [&str; 3] = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"];
+    let (vars, source) = match &loc.credentials_file {
         Some(path) => {
             let meta = std::fs::metadata(path).map_err(|e| BackupError::io("read S3 credentials", path, e))?;
             if meta.permissions().mode() & 0o077 != 0 {
@@ -234,11 +235,14 @@ fn credentials(loc: &S3Location) -> Result<Credentials, BackupError> {
                 let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
                 vars.insert(k.trim().to_string(), v.to_string());
             }
-            (Box::new(move |k: &str| vars.get(k).cloned()), format!("credentials_file {}", path.display()))
+            (vars, format!("credentials_file {}", path.display()))
         }
-        None => (Box::new(|k: &str| std::env::var(k).ok()), "the environment".to_string()),
+        None => (
+            NAMES.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v))).collect(),
+            "the environment".to_string(),
+        ),
     };
-    let get = |k: &str| lookup(k).filter(|v| !v.is_empty());
+    let get = |k: &str| vars.get(k).filter(|v| !v.is_empty()).cloned();
     match (get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")) {
         (Some(key_id), Some(secret)) => Ok(Credentials { key_id, secret, token: get("AWS_SESSION_TOKEN") }),
         _ => Err(bad(format!(
