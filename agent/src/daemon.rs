@@ -199,3 +199,33 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_repositories_are_opened_at_start() {
+        let run_as = RunAs::detect().unwrap();
+        let exe = std::path::Path::new("/usr/bin/steward-agent");
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("s3.env");
+        let loc = format!("s3://steward/prod?endpoint=http://127.0.0.1:9&credentials_file={}", creds.display());
+        // no credentials file: the agent does not start
+        let e = prepare_repo(&loc, Some(exe), 2, &run_as).err().unwrap().to_string();
+        assert!(e.contains("s3.env"), "{e}");
+        std::fs::write(&creds, "AWS_ACCESS_KEY_ID=k\n").unwrap();
+        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let e = prepare_repo(&loc, Some(exe), 2, &run_as).err().unwrap().to_string();
+        assert!(e.contains("no S3 credentials"), "{e}");
+        std::fs::write(&creds, "AWS_ACCESS_KEY_ID=k\nAWS_SECRET_ACCESS_KEY=s\n").unwrap();
+        // no request is sent at start: the endpoint need not be up
+        let a = prepare_repo(&loc, Some(exe), 2, &run_as).unwrap();
+        assert_eq!((a.repo.as_str(), a.agent_exe.as_path(), a.async_processes), (loc.as_str(), exe, 2));
+        // a directory is created and kept as given
+        let repo = dir.path().join("repo");
+        let a = prepare_repo(&repo.display().to_string(), Some(exe), 0, &run_as).unwrap();
+        assert!(repo.is_dir());
+        assert_eq!(a.repo, repo.display().to_string());
+    }
+}

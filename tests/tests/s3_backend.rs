@@ -52,6 +52,27 @@ async fn s3_repository_meets_the_backend_contract() -> Result<()> {
     assert_eq!(other.get("a/x").await?, None);
     assert!(other.list("").await?.is_empty());
 
+    // Listings past one page (S3 answers at most 1000 keys a request) come back whole.
+    let started = Instant::now();
+    let mut puts = tokio::task::JoinSet::new();
+    for i in 0..1010 {
+        let other = other.clone();
+        let key = if i % 200 == 0 { format!("many/d{i:04}/x") } else { format!("many/o{i:04}") };
+        puts.spawn(async move { other.put(&key, vec![1]).await });
+        if puts.len() >= 16 {
+            puts.join_next().await.context("a put task")???;
+        }
+    }
+    while let Some(r) = puts.join_next().await {
+        r??;
+    }
+    let names = other.list("many").await?;
+    assert_eq!(names.len(), 1010, "objects and prefixes over two pages");
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+    assert_eq!((names[0].as_str(), names[1].as_str()), ("d0000", "d0200"));
+    assert_eq!(other.size("many").await?, 1010);
+    println!("1010 puts and a two-page listing in {:?}", started.elapsed());
+
     // A large object goes up in parts and comes back whole; no part is left behind.
     let big: Vec<u8> = (0..(70u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let want = big.clone();
