@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
+use object_store::{BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutPayload, RetryConfig};
 
 use super::BackupError;
 
@@ -31,7 +31,8 @@ const PART_SIZE: usize = 16 << 20;
 /// How long connecting to the endpoint may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Bound on one request, body included: a 16 MiB part or a 64 MiB object on a slow link.
+/// Bound on one request, body included: at most a 64 MiB object or a 16 MiB part of a larger
+/// one, even on a slow link.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Retries of failed requests stop once this much time has passed since the first attempt,
@@ -346,6 +347,10 @@ impl S3Repo {
         } else {
             text
         };
+        self.err_text(action, key, why)
+    }
+
+    fn err_text(&self, action: &'static str, key: &str, why: String) -> BackupError {
         let key = if key.is_empty() { "/" } else { key };
         BackupError::ObjectStore { action, key: key.to_string(), location: self.display(), why }
     }
@@ -380,7 +385,9 @@ impl S3Repo {
         Ok(())
     }
 
-    /// The object under `key`, or None.
+    /// The object under `key`, or None. A large object is read in [`PART_SIZE`] ranges, each
+    /// its own request (so a slow link does not hit the request timeout), all pinned to the
+    /// version the first request saw.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackupError> {
         let path = self.path(key)?;
         let got = match self.store.get(&path).await {
@@ -388,11 +395,32 @@ impl S3Repo {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err("read", key, e)),
         };
-        match got.bytes().await {
-            Ok(b) => Ok(Some(b.to_vec())),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err("read", key, e)),
+        let size = got.meta.size;
+        if size <= MULTIPART_THRESHOLD as u64 {
+            return match got.bytes().await {
+                Ok(b) => Ok(Some(b.to_vec())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err("read", key, e)),
+            };
         }
+        let e_tag = got.meta.e_tag.clone();
+        drop(got);
+        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        while (data.len() as u64) < size {
+            let start = data.len() as u64;
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(start..(start + PART_SIZE as u64).min(size))),
+                if_match: e_tag.clone(),
+                ..Default::default()
+            };
+            let part = self.store.get_opts(&path, opts).await.map_err(|e| self.err("read", key, e))?;
+            let bytes = part.bytes().await.map_err(|e| self.err("read", key, e))?;
+            if bytes.is_empty() {
+                return Err(self.err_text("read", key, format!("the object ended at {start} of {size} bytes")));
+            }
+            data.extend_from_slice(&bytes);
+        }
+        Ok(Some(data))
     }
 
     /// Names directly under `dir`: objects and common prefixes ("directories"), sorted.
