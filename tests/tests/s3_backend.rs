@@ -39,6 +39,8 @@ async fn s3_repository_meets_the_backend_contract() -> Result<()> {
     let loc = server.location("steward", "contract/one", &creds_opt);
     let repo = Repository::open(&loc)?;
     assert_eq!(repo.location(), loc, "the location re-opens as given");
+    let shown = format!("{repo:?}");
+    assert!(!shown.contains(SECRET_KEY) && !shown.contains(ACCESS_KEY), "credentials in {shown}");
     check_contract(&repo).await.map_err(anyhow::Error::msg).context("the S3 backend breaks the contract")?;
     // The layout is the POSIX one: the keys are the object names under the prefix.
     let on_disk = scratch.path().join("s3/steward/contract/one");

@@ -255,10 +255,17 @@ fn credentials(loc: &S3Location) -> Result<Credentials, BackupError> {
 }
 
 /// A repository in an S3 bucket (under an optional key prefix).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Repo {
     loc: S3Location,
     store: Arc<AmazonS3>,
+}
+
+/// Only the location: the client inside holds the credentials, which no log may show.
+impl std::fmt::Debug for S3Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Repo").field("location", &self.loc.display()).finish_non_exhaustive()
+    }
 }
 
 impl S3Repo {
