@@ -60,10 +60,12 @@ pub struct AgentArgs {
     #[arg(long, env = "STEWARD_PG_MAJOR")]
     pub pg_major: Option<u32>,
     /// Backup repository every instance on this host archives its WAL into: an absolute
-    /// directory, on shared storage (NFS) in production so any host can restore from it.
-    /// Created (owned by the PostgreSQL user) if missing. Unset: WAL is not archived.
+    /// directory, on shared storage (NFS) in production so any host can restore from it, and
+    /// created (owned by the PostgreSQL user) if missing; or an S3 bucket,
+    /// `s3://BUCKET/PREFIX?endpoint=URL&region=NAME` (see docs/backup-format.md for
+    /// credentials). Unset: WAL is not archived.
     #[arg(long, env = "STEWARD_REPO")]
-    pub repo: Option<PathBuf>,
+    pub repo: Option<String>,
     /// WAL files pushed at once by archive-push's background pusher (asynchronous mode, with a
     /// spool next to each PGDATA); 0 pushes each file within the archive_command call. Default 2.
     #[arg(long, env = "STEWARD_ARCHIVE_PROCESSES", value_parser = clap::value_parser!(u16).range(0..=64))]
@@ -90,8 +92,8 @@ pub struct AgentConfig {
     pub memory_budget_bytes: Option<u64>,
     pub pg_major: Option<u32>,
     pub stop_postgres_on_exit: bool,
-    /// Backup repository for WAL archiving, if any.
-    pub repo: Option<PathBuf>,
+    /// Backup repository location for WAL archiving (a directory or an `s3://` URL), if any.
+    pub repo: Option<String>,
     /// Background WAL pushes at once (0: synchronous archive-push).
     pub archive_processes: u16,
     /// The steward-agent executable PostgreSQL runs as archive_command (default: this
@@ -134,11 +136,15 @@ impl AgentArgs {
         }
         let pg_host = self.pg_host.or(file.pg_host).unwrap_or_else(|| host_part(&advertise));
         let repo = self.repo.or(file.repo);
-        if let Some(r) = repo.as_ref().filter(|r| !r.is_absolute()) {
-            return Err(ConfigError::Invalid(format!(
-                "repo {} is relative: PostgreSQL runs archive_command in PGDATA, so pass an absolute path",
-                r.display()
-            )));
+        if let Some(r) = &repo {
+            if r.contains("://") {
+                // the same parser the repository uses, so a bad URL stops the agent here
+                crate::backup::repo::Location::parse(r).map_err(|e| ConfigError::Invalid(format!("repo: {e}")))?;
+            } else if !Path::new(r).is_absolute() {
+                return Err(ConfigError::Invalid(format!(
+                    "repo {r} is relative: PostgreSQL runs archive_command in PGDATA, so pass an absolute path"
+                )));
+            }
         }
         Ok(AgentConfig {
             control_plane,
@@ -185,5 +191,16 @@ mod tests {
             ..Default::default()
         };
         assert!(a.resolve().unwrap_err().to_string().contains("absolute"));
+        let with_repo = |repo: &str| AgentArgs {
+            control_plane: vec!["127.0.0.1:7400".into()],
+            listen: Some("127.0.0.1:7411".parse().unwrap()),
+            repo: Some(repo.into()),
+            ..Default::default()
+        };
+        let c = with_repo("s3://steward/prod?endpoint=http://127.0.0.1:9000").resolve().unwrap();
+        assert_eq!(c.repo.as_deref(), Some("s3://steward/prod?endpoint=http://127.0.0.1:9000"));
+        let e = with_repo("s3://steward?endpoint=127.0.0.1:9000").resolve().unwrap_err().to_string();
+        assert!(e.contains("not an http:// or https:// URL"), "{e}");
+        assert!(with_repo("nfs://server/export").resolve().is_err());
     }
 }

@@ -28,6 +28,10 @@ pub enum DaemonError {
         path.display()
     )]
     Repo { path: std::path::PathBuf, source: std::io::Error },
+    /// An S3 repository that cannot be used as configured (no credentials, for example):
+    /// refused at start rather than at the first archive_command.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     #[error("finding this executable for archive_command: {0}")]
     Exe(std::io::Error),
     #[error("binding the agent's command service on {addr}: {source} (is another agent running?)")]
@@ -43,13 +47,26 @@ pub struct RunningAgent {
 }
 
 /// Creates the repository directory if missing (owned by the PostgreSQL user, which runs
-/// archive_command) and checks that user can reach it; returns the archiving settings.
+/// archive_command) and checks that user can reach it; an S3 repository is opened once, so
+/// missing credentials stop the agent here. Returns the archiving settings.
 fn prepare_repo(
-    repo: &std::path::Path,
+    location: &str,
     exe: Option<&std::path::Path>,
     async_processes: u16,
     run_as: &RunAs,
 ) -> Result<WalArchiving, DaemonError> {
+    let agent_exe = match exe {
+        Some(e) => e.to_path_buf(),
+        None => std::env::current_exe().map_err(DaemonError::Exe)?,
+    };
+    let repo = match crate::backup::repo::Location::parse(location)? {
+        crate::backup::repo::Location::Posix(dir) => dir,
+        crate::backup::repo::Location::S3(loc) => {
+            crate::backup::s3::S3Repo::open(loc)?;
+            return Ok(WalArchiving { agent_exe, repo: location.to_string(), async_processes });
+        }
+    };
+    let repo = repo.as_path();
     let err = |source| DaemonError::Repo { path: repo.to_path_buf(), source };
     if !repo.exists() {
         std::fs::create_dir_all(repo).map_err(err)?;
@@ -57,11 +74,7 @@ fn prepare_repo(
         tracing::info!(repo = %repo.display(), "created the backup repository");
     }
     crate::pg::paths::check_traversable(run_as, repo)?;
-    let agent_exe = match exe {
-        Some(e) => e.to_path_buf(),
-        None => std::env::current_exe().map_err(DaemonError::Exe)?,
-    };
-    Ok(WalArchiving { agent_exe, repo: repo.to_path_buf(), async_processes })
+    Ok(WalArchiving { agent_exe, repo: location.to_string(), async_processes })
 }
 
 /// Starts the agent and returns once its command service listens.
@@ -184,5 +197,35 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_repositories_are_opened_at_start() {
+        let run_as = RunAs::detect().unwrap();
+        let exe = std::path::Path::new("/usr/bin/steward-agent");
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("s3.env");
+        let loc = format!("s3://steward/prod?endpoint=http://127.0.0.1:9&credentials_file={}", creds.display());
+        // no credentials file: the agent does not start
+        let e = prepare_repo(&loc, Some(exe), 2, &run_as).err().unwrap().to_string();
+        assert!(e.contains("s3.env"), "{e}");
+        std::fs::write(&creds, "AWS_ACCESS_KEY_ID=k\n").unwrap();
+        std::fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let e = prepare_repo(&loc, Some(exe), 2, &run_as).err().unwrap().to_string();
+        assert!(e.contains("no S3 credentials"), "{e}");
+        std::fs::write(&creds, "AWS_ACCESS_KEY_ID=k\nAWS_SECRET_ACCESS_KEY=s\n").unwrap();
+        // no request is sent at start: the endpoint need not be up
+        let a = prepare_repo(&loc, Some(exe), 2, &run_as).unwrap();
+        assert_eq!((a.repo.as_str(), a.agent_exe.as_path(), a.async_processes), (loc.as_str(), exe, 2));
+        // a directory is created and kept as given
+        let repo = dir.path().join("repo");
+        let a = prepare_repo(&repo.display().to_string(), Some(exe), 0, &run_as).unwrap();
+        assert!(repo.is_dir());
+        assert_eq!(a.repo, repo.display().to_string());
     }
 }

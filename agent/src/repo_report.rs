@@ -33,7 +33,7 @@ pub async fn stanza_report(repo: &Repository, stanza: &str) -> Result<StanzaRepo
 /// Refreshes the report of every primary this host runs, forever.
 pub async fn run(host: Arc<Host>) {
     let Some(archiving) = host.archiving.clone() else { return };
-    let repo = match Repository::open(&archiving.repo.display().to_string()) {
+    let repo = match Repository::open(&archiving.repo) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "backup repository unusable: no backup metrics");

@@ -26,7 +26,7 @@ pub async fn run_backup(
     primary: Option<Upstream>,
     retention_days: u32,
 ) -> Result<BackupReply, String> {
-    let repo = Repository::open(&archiving.repo.display().to_string()).map_err(|e| e.to_string())?;
+    let repo = Repository::open(&archiving.repo).map_err(|e| e.to_string())?;
     let parallel = inst.spec().cores.clamp(1, 4) as usize;
     let opts = BackupOptions { kind, parallel, primary, ..Default::default() };
     let m = base::take(&inst, &repo, &stanza, opts).await.map_err(|e| e.to_string())?;
@@ -172,7 +172,7 @@ async fn fill(
     run_as: &RunAs,
 ) -> Result<RestoreDatabaseReply, String> {
     let sql = |e: tokio_postgres::Error| crate::pg::sql::describe(&e);
-    let repo = Repository::open(&r.archiving.repo.display().to_string()).map_err(|e| e.to_string())?;
+    let repo = Repository::open(&r.archiving.repo).map_err(|e| e.to_string())?;
     let opts = RestoreOptions {
         label: None,
         target: r.target_time.map(RecoveryTarget::Time).unwrap_or(RecoveryTarget::Latest),

@@ -89,7 +89,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             memory_budget_bytes: Some(args.memory_mb << 20),
             pg_major: None,
             stop_postgres_on_exit: true,
-            repo: archive_exe.as_ref().map(|_| repo.clone()),
+            repo: archive_exe.as_ref().map(|_| repo.display().to_string()),
             archive_processes: 2,
             archive_exe: archive_exe.clone(),
         };

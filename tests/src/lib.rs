@@ -12,6 +12,7 @@ use serde_json::Value;
 pub mod benchkit;
 pub mod fleet;
 pub mod netns;
+pub mod s3;
 pub mod sim;
 
 /// Path of a workspace binary (built by `cargo build` before the tests run; `make test` does).

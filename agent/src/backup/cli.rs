@@ -27,7 +27,9 @@ pub const EXIT_ABORT_RECOVERY: u8 = 126;
 /// Where the archive is.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RepoArgs {
-    /// Repository: an absolute directory path on local disk or shared storage (NFS).
+    /// Repository: an absolute directory path on local disk or shared storage (NFS), or an S3
+    /// bucket, s3://BUCKET/PREFIX?endpoint=URL&region=NAME&credentials_file=PATH (credentials
+    /// from that file or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, never from the URL).
     #[arg(long, env = "STEWARD_REPO")]
     pub repo: String,
     /// The archive's name in the repository, one per cluster (the agent uses the cluster id).

@@ -77,7 +77,7 @@ pub struct RestoreArgs {
 /// Flags of `steward-agent info`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct InfoArgs {
-    /// Repository: an absolute directory path.
+    /// Repository: an absolute directory path or an s3:// URL (see `archive-push --help`).
     #[arg(long, env = "STEWARD_REPO")]
     pub repo: String,
     /// Only this stanza (default: all).

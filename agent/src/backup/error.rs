@@ -20,6 +20,10 @@ pub enum BackupError {
     #[error("repository {location}: {why}")]
     Repository { location: String, why: String },
 
+    /// A request to the object store behind an S3 repository failed (after retries).
+    #[error("{action} {key} in {location}: {why}")]
+    ObjectStore { action: &'static str, key: String, location: String, why: String },
+
     /// A key that would leave the repository or is not a plain relative path.
     #[error("invalid repository key {key:?}: {why}")]
     BadKey { key: String, why: &'static str },

@@ -1,8 +1,8 @@
-//! Backups and WAL archiving: a repository of objects (a local or shared directory), the
-//! per-stanza WAL archive behind `archive-push` / `archive-get`, full and incremental backups
-//! with manifests, restore to a point in time, and the pieces they share (WAL name and header
-//! parsing, page deltas, compression). One concern per submodule; the layout on disk is
-//! documented in docs/backup-format.md.
+//! Backups and WAL archiving: a repository of objects (a local or shared directory, or an S3
+//! bucket), the per-stanza WAL archive behind `archive-push` / `archive-get`, full and
+//! incremental backups with manifests, restore to a point in time, and the pieces they share
+//! (WAL name and header parsing, page deltas, compression). One concern per submodule; the
+//! layout on disk is documented in docs/backup-format.md.
 
 pub mod archive;
 pub mod base;
@@ -18,6 +18,7 @@ pub mod pages;
 pub mod prefetch;
 pub mod repo;
 pub mod restore;
+pub mod s3;
 pub mod spool;
 pub mod wal;
 

@@ -1,7 +1,7 @@
 //! The backup repository: a flat key → bytes store with durable, atomic writes, so WAL
 //! archiving and backups do not care where the bytes live. Keys are `/`-separated relative
-//! paths of plain names. The POSIX backend (a local or NFS directory) is the default;
-//! other backends add a variant here.
+//! paths of plain names. The POSIX backend (a local or NFS directory) is the default; the S3
+//! backend ([`super::s3`]) keeps the same keys as objects in a bucket.
 
 use std::fs;
 use std::io::Write;
@@ -9,6 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::s3::{S3Location, S3Repo};
 use super::BackupError;
 
 /// Version of the repository layout (docs/backup-format.md); kept in [`FORMAT_KEY`].
@@ -22,6 +23,38 @@ pub const FORMAT_KEY: &str = "steward-repo.json";
 pub enum Repository {
     /// A directory on a local or network filesystem.
     Posix(PosixRepo),
+    /// A bucket (and key prefix) of an S3-compatible object store.
+    S3(S3Repo),
+}
+
+/// A repository location as written on the command line or in the agent's configuration,
+/// checked for syntax only (nothing is touched), so the agent can refuse a bad one at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An absolute directory path.
+    Posix(PathBuf),
+    /// An `s3://bucket/prefix?options` URL.
+    S3(S3Location),
+}
+
+impl Location {
+    /// Parses `location`: an absolute path, or an `s3://` URL (see [`super::s3`]).
+    pub fn parse(location: &str) -> Result<Location, BackupError> {
+        if location.starts_with("s3://") {
+            return S3Location::parse(location).map(Location::S3);
+        }
+        let bad = |why: &str| BackupError::Repository { location: location.to_string(), why: why.to_string() };
+        if let Some((scheme, _)) = location.split_once("://") {
+            return Err(bad(&format!(
+                "{scheme}:// repositories are not supported: use an absolute directory path or s3://bucket/prefix"
+            )));
+        }
+        let root = PathBuf::from(location);
+        if !root.is_absolute() {
+            return Err(bad("must be an absolute path (or an s3:// URL)"));
+        }
+        Ok(Location::Posix(root))
+    }
 }
 
 /// Runs blocking filesystem work off the async runtime.
@@ -55,16 +88,15 @@ pub fn check_key(key: &str) -> Result<(), BackupError> {
 }
 
 impl Repository {
-    /// Opens the repository at `location`: an absolute directory path that exists.
+    /// Opens the repository at `location`: an absolute directory path that exists, or an
+    /// `s3://` URL (credentials from the environment or the URL's credentials_file; no
+    /// request is sent until the first operation).
     pub fn open(location: &str) -> Result<Self, BackupError> {
         let bad = |why: &str| BackupError::Repository { location: location.to_string(), why: why.to_string() };
-        if location.contains("://") {
-            return Err(bad("only directory repositories (an absolute path) are supported by this version"));
-        }
-        let root = PathBuf::from(location);
-        if !root.is_absolute() {
-            return Err(bad("must be an absolute path"));
-        }
+        let root = match Location::parse(location)? {
+            Location::S3(loc) => return S3Repo::open(loc).map(Repository::S3),
+            Location::Posix(root) => root,
+        };
         match fs::metadata(&root) {
             Ok(m) if m.is_dir() => Ok(Repository::Posix(PosixRepo { root })),
             Ok(_) => Err(bad("exists but is not a directory")),
@@ -75,10 +107,12 @@ impl Repository {
         }
     }
 
-    /// Human-readable location, for messages.
+    /// The location as [`Repository::open`] takes it: for messages, and for the
+    /// restore_command a restore writes (an S3 location never holds credentials).
     pub fn location(&self) -> String {
         match self {
             Repository::Posix(p) => p.root.display().to_string(),
+            Repository::S3(s) => s.location().to_string(),
         }
     }
 
@@ -92,6 +126,7 @@ impl Repository {
                 let key = key.to_string();
                 blocking(move || p.put(&key, &data)).await
             }
+            Repository::S3(s) => s.put(key, data).await,
         }
     }
 
@@ -108,6 +143,7 @@ impl Repository {
                 })
                 .await
             }
+            Repository::S3(s) => s.get(key).await,
         }
     }
 
@@ -138,6 +174,7 @@ impl Repository {
                 })
                 .await
             }
+            Repository::S3(s) => s.list(dir).await,
         }
     }
 
@@ -168,6 +205,7 @@ impl Repository {
                 })
                 .await
             }
+            Repository::S3(s) => s.size(prefix).await,
         }
     }
 
@@ -187,6 +225,7 @@ impl Repository {
                 })
                 .await
             }
+            Repository::S3(s) => s.delete(key).await,
         }
     }
 
@@ -214,6 +253,58 @@ impl Repository {
             }
         }
     }
+}
+
+/// The behaviour every backend must show, checked on an empty repository. The tests run it
+/// against each backend (the POSIX one in this module, S3 against a real S3-compatible
+/// server in the workspace's cross-component tests) so the backends cannot drift apart; it
+/// returns what differed instead of panicking so it can live outside test code.
+#[doc(hidden)]
+pub async fn check_contract(repo: &Repository) -> Result<(), String> {
+    macro_rules! ensure_eq {
+        ($got:expr, $want:expr) => {{
+            let got = $got;
+            let want = $want;
+            if got != want {
+                return Err(format!("{}: got {got:?}, want {want:?}", stringify!($got)));
+            }
+        }};
+    }
+    let e = |e: BackupError| e.to_string();
+    ensure_eq!(repo.get("a/b/c").await.map_err(e)?, None);
+    ensure_eq!(repo.list("a/b").await.map_err(e)?, Vec::<String>::new());
+    repo.put("a/b/c", b"one".to_vec()).await.map_err(e)?;
+    repo.put("a/b/c", b"two".to_vec()).await.map_err(e)?;
+    repo.put("a/b/d", vec![]).await.map_err(e)?;
+    repo.put("a/x", b"x".to_vec()).await.map_err(e)?;
+    repo.put("ab/y", b"yyyy".to_vec()).await.map_err(e)?;
+    ensure_eq!(repo.get("a/b/c").await.map_err(e)?, Some(b"two".to_vec()));
+    ensure_eq!(repo.get("a/b/d").await.map_err(e)?, Some(Vec::new()));
+    ensure_eq!(repo.list("a/b").await.map_err(e)?, vec!["c", "d"]);
+    // "directories" and objects side by side, as backup labels next to backup.info
+    ensure_eq!(repo.list("a").await.map_err(e)?, vec!["b", "x"]);
+    ensure_eq!(repo.list("").await.map_err(e)?, vec!["a", "ab"]);
+    ensure_eq!(repo.size("a").await.map_err(e)?, 4);
+    ensure_eq!(repo.size("ab").await.map_err(e)?, 4);
+    ensure_eq!(repo.size("missing").await.map_err(e)?, 0);
+    ensure_eq!(repo.delete("a/b/c").await.map_err(e)?, true);
+    ensure_eq!(repo.delete("a/b/c").await.map_err(e)?, false);
+    ensure_eq!(repo.get("a/b/c").await.map_err(e)?, None);
+    ensure_eq!(repo.list("a/b").await.map_err(e)?, vec!["d"]);
+    for bad in ["../escape", "a/.hidden", ""] {
+        if repo.put(bad, vec![]).await.is_ok() {
+            return Err(format!("key {bad:?} was accepted"));
+        }
+    }
+
+    repo.ensure_format().await.map_err(e)?;
+    repo.ensure_format().await.map_err(e)?;
+    repo.put(FORMAT_KEY, b"{\"format\": 99}".to_vec()).await.map_err(e)?;
+    match repo.ensure_format().await {
+        Err(err) if err.to_string().contains("layout version 99") => {}
+        other => return Err(format!("a repository of layout 99 was not refused: {other:?}")),
+    }
+    Ok(())
 }
 
 /// A repository in a directory.
@@ -301,30 +392,20 @@ mod tests {
     async fn posix_put_get_list_delete() {
         let dir = tempfile::tempdir().unwrap();
         assert!(Repository::open("relative/path").is_err());
-        assert!(Repository::open("s3://bucket/prefix").is_err());
+        assert!(Repository::open("gs://bucket/prefix").unwrap_err().to_string().contains("not supported"));
         assert!(Repository::open(&dir.path().join("missing").display().to_string()).is_err());
         let repo = Repository::open(&dir.path().display().to_string()).unwrap();
-        assert_eq!(repo.get("a/b/c").await.unwrap(), None);
-        assert!(repo.list("a/b").await.unwrap().is_empty());
-        repo.put("a/b/c", b"one".to_vec()).await.unwrap();
-        repo.put("a/b/c", b"two".to_vec()).await.unwrap();
-        repo.put("a/b/d", vec![]).await.unwrap();
-        assert_eq!(repo.get("a/b/c").await.unwrap().as_deref(), Some(&b"two"[..]));
-        assert_eq!(repo.list("a/b").await.unwrap(), vec!["c", "d"]);
-        assert_eq!(repo.list("").await.unwrap(), vec!["a"]);
-        assert_eq!(repo.size("a").await.unwrap(), 3);
-        assert_eq!(repo.size("missing").await.unwrap(), 0);
-        assert!(repo.delete("a/b/c").await.unwrap());
-        assert!(!repo.delete("a/b/c").await.unwrap());
-        assert!(repo.put("../escape", vec![]).await.is_err());
+        check_contract(&repo).await.unwrap();
         // no temporary files are left behind
         let left: Vec<_> = fs::read_dir(dir.path().join("a/b")).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from("d")]);
+    }
 
-        repo.ensure_format().await.unwrap();
-        repo.ensure_format().await.unwrap();
-        repo.put(FORMAT_KEY, b"{\"format\": 99}".to_vec()).await.unwrap();
-        let e = repo.ensure_format().await.unwrap_err().to_string();
-        assert!(e.contains("layout version 99"), "{e}");
+    #[test]
+    fn locations_parse_without_touching_anything() {
+        assert_eq!(Location::parse("/srv/repo").unwrap(), Location::Posix("/srv/repo".into()));
+        assert!(matches!(Location::parse("s3://bkt/p?endpoint=http://127.0.0.1:9000"), Ok(Location::S3(_))));
+        assert!(Location::parse("relative").unwrap_err().to_string().contains("absolute"));
+        assert!(Location::parse("s3://?region=x").unwrap_err().to_string().contains("no bucket"));
     }
 }

@@ -73,7 +73,7 @@ pub const ARCHIVE_TIMEOUT: &str = "60s";
 pub fn render_archiving_conf(a: &super::WalArchiving, stanza: &str, spool: Option<&Path>) -> String {
     // PostgreSQL expands %-escapes in the whole command: a literal % must be doubled.
     let exe = sh_quote(&a.agent_exe.to_string_lossy()).replace('%', "%%");
-    let repo = sh_quote(&a.repo.to_string_lossy()).replace('%', "%%");
+    let repo = sh_quote(&a.repo).replace('%', "%%");
     let stanza = sh_quote(stanza);
     let mut s = String::from("\n# WAL archiving into the backup repository\n");
     s.push_str("archive_mode = on\n");
@@ -262,6 +262,12 @@ restore_command = '/usr/bin/steward-agent archive-get --repo ''/srv/it''\\''''s 
             conf.contains(
                 "archive-push --repo /srv/repo --stanza ha-1 --spool /data/ha-1/archive-spool --process-max 3 %p'"
             ),
+            "{conf}"
+        );
+        let a = crate::pg::WalArchiving { repo: "s3://bkt/p?endpoint=http://127.0.0.1:9000&region=x%2Fy".into(), ..a };
+        let conf = render_archiving_conf(&a, "ha-1", None);
+        assert!(
+            conf.contains("archive-push --repo ''s3://bkt/p?endpoint=http://127.0.0.1:9000&region=x%%2Fy'' --stanza"),
             "{conf}"
         );
         assert_eq!(sh_quote("/plain/path-1.2"), "/plain/path-1.2");

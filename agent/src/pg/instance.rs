@@ -42,8 +42,9 @@ pub struct InstanceSpec {
 pub struct WalArchiving {
     /// The steward-agent executable PostgreSQL runs (absolute).
     pub agent_exe: PathBuf,
-    /// The repository directory (absolute).
-    pub repo: PathBuf,
+    /// The repository location: an absolute directory or an `s3://` URL (never credentials:
+    /// archive_command is visible in pg_settings).
+    pub repo: String,
     /// Background pushes at once (archive-push's asynchronous mode, with a spool next to
     /// PGDATA); 0 pushes each file within the archive_command call.
     pub async_processes: u16,

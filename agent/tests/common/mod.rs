@@ -79,7 +79,7 @@ impl Lab {
             cores: 2,
             archive: archive.then(|| WalArchiving {
                 agent_exe: self.exe.clone(),
-                repo: self.repo.clone(),
+                repo: self.repo.display().to_string(),
                 async_processes: processes,
             }),
         };
