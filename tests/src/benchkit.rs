@@ -38,6 +38,17 @@ pub fn pg_bindir() -> Result<PathBuf> {
     found.pop().context("no PostgreSQL with pgbench under /usr/lib/postgresql")
 }
 
+/// A command run as the `postgres` OS user by switching uid/gid in the child, as PostgreSQL's
+/// own archiver runs archive_command (a fork of the postgres user's server): no `runuser`,
+/// whose PAM session costs tens of milliseconds per call and would dwarf what is measured.
+pub fn as_postgres_direct(program: &Path) -> Result<Command> {
+    use std::os::unix::process::CommandExt;
+    let user = nix::unistd::User::from_name("postgres")?.context("no postgres OS user: install postgresql")?;
+    let mut c = Command::new(program);
+    c.uid(user.uid.as_raw()).gid(user.gid.as_raw()).env("HOME", &user.dir);
+    Ok(c)
+}
+
 /// `chown -R postgres:postgres`.
 pub fn chown_postgres(path: &Path) -> Result<()> {
     run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(path), "chown")?;

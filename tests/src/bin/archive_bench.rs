@@ -20,7 +20,8 @@ use anyhow::{ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 use steward_tests::benchkit::{
-    as_postgres, chown_postgres, dir_bytes, percentile, pg_bindir, pgbackrest_conf, run, segment_names,
+    as_postgres, as_postgres_direct, chown_postgres, dir_bytes, percentile, pg_bindir, pgbackrest_conf, run,
+    segment_names,
 };
 
 #[derive(Parser, Debug)]
@@ -35,6 +36,10 @@ struct Args {
     /// The steward-agent to measure (default: next to this binary).
     #[arg(long)]
     steward_agent: Option<PathBuf>,
+    /// Poorly compressible WAL: the bulk inserts write random bytes (pgcrypto's
+    /// gen_random_bytes, 1 KiB per row, stored uncompressed) instead of md5 text.
+    #[arg(long)]
+    incompressible: bool,
     /// Keep the work directory (corpus, repositories) for inspection.
     #[arg(long)]
     keep: bool,
@@ -129,15 +134,23 @@ fn make_corpus(work: &Path, bindir: &Path, args: &Args) -> Result<(PathBuf, Path
         // OLTP traffic (page images, index updates) alternating with bulk inserts of random
         // text (hard to compress), until the corpus is complete.
         psql("CREATE TABLE IF NOT EXISTS filler (id bigserial PRIMARY KEY, v text)")?;
+        if args.incompressible {
+            psql("CREATE EXTENSION IF NOT EXISTS pgcrypto")?;
+            psql("CREATE TABLE IF NOT EXISTS filler_bytes (id bigserial PRIMARY KEY, v bytea)")?;
+        }
         let deadline = Instant::now() + Duration::from_secs(900);
         while segment_names(&corpus).len() < args.segments as usize + 1 {
             ensure!(Instant::now() < deadline, "the corpus did not reach {} segments in 15 minutes", args.segments);
             eprintln!("archive-bench: corpus has {} of {} segments", segment_names(&corpus).len(), args.segments);
             pgbench(&["-T", "5", "-c", "4", "-j", "2", "-n"])?;
-            psql(
-                "INSERT INTO filler (v) SELECT md5(random()::text) || md5(random()::text) || md5(random()::text) \
-                 FROM generate_series(1, 150000)",
-            )?;
+            if args.incompressible {
+                psql("INSERT INTO filler_bytes (v) SELECT gen_random_bytes(1024) FROM generate_series(1, 60000)")?;
+            } else {
+                psql(
+                    "INSERT INTO filler (v) SELECT md5(random()::text) || md5(random()::text) || md5(random()::text) \
+                     FROM generate_series(1, 150000)",
+                )?;
+            }
         }
         psql("SELECT pg_switch_wal()")?;
         Ok(())
@@ -177,13 +190,13 @@ fn measure(
     pgdata: &Path,
     names: &[String],
     repo: &Path,
-    push: impl Fn(&str) -> Command,
+    push: impl Fn(&str) -> Result<Command>,
 ) -> Result<Result1> {
     let started = Instant::now();
     let mut lat = Vec::with_capacity(names.len());
     for (i, n) in names.iter().enumerate() {
         let t = Instant::now();
-        let mut cmd = push(&format!("pg_wal/{n}"));
+        let mut cmd = push(&format!("pg_wal/{n}"))?;
         cmd.current_dir(pgdata);
         run(&mut cmd, &format!("{tool} archive-push {n}"))?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
@@ -239,9 +252,16 @@ fn bench(work: &Path, args: &Args) -> Result<Vec<Result1>> {
     } else {
         make_corpus(work, &bindir, args)?
     };
-    for n in
-        ["steward-zstd-0", "steward-lz4-0", "steward-zstd-2", "steward-lz4-2", "pgbackrest-sync", "pgbackrest-async"]
-    {
+    for n in [
+        "steward-zstd-0",
+        "steward-lz4-0",
+        "steward-zstd-2",
+        "steward-lz4-2",
+        "steward-zstd-4",
+        "pgbackrest-sync-1",
+        "pgbackrest-async-2",
+        "pgbackrest-async-4",
+    ] {
         let _ = std::fs::remove_dir_all(work.join(n));
     }
     eprintln!("archive-bench: corpus of {} segments ready", names.len());
@@ -252,6 +272,7 @@ fn bench(work: &Path, args: &Args) -> Result<Vec<Result1>> {
         ("sync, lz4", "lz4", 0),
         ("async, zstd-1, 2 processes", "zstd", 2),
         ("async, lz4, 2 processes", "lz4", 2),
+        ("async, zstd-1, 4 processes", "zstd", 4),
     ];
     for (mode, compress, processes) in steward_modes {
         let name = format!("steward-{compress}-{processes}");
@@ -262,20 +283,22 @@ fn bench(work: &Path, args: &Args) -> Result<Vec<Result1>> {
         std::fs::create_dir_all(&spool)?;
         chown_postgres(&work.join(&name))?;
         let r = measure("steward-agent", mode, &copy, &names, &repo, |p| {
-            let mut c = as_postgres(&steward_copy);
+            let mut c = as_postgres_direct(&steward_copy)?;
             c.args(["archive-push", "--repo"]).arg(&repo).args(["--stanza", "bench", "--compress", compress]);
             if processes > 0 {
                 c.arg("--spool").arg(&spool).args(["--process-max", &processes.to_string()]);
             }
             c.arg(p);
-            c
+            Ok(c)
         })?;
         results.push(r);
     }
-    for (mode, asynchronous, processes) in
-        [("sync, zst-1, 1 process", false, 1), ("async, zst-1, 2 processes", true, 2)]
-    {
-        let name = format!("pgbackrest-{}", if asynchronous { "async" } else { "sync" });
+    for (mode, asynchronous, processes) in [
+        ("sync, zst-1, 1 process", false, 1),
+        ("async, zst-1, 2 processes", true, 2),
+        ("async, zst-1, 4 processes", true, 4),
+    ] {
+        let name = format!("pgbackrest-{}-{processes}", if asynchronous { "async" } else { "sync" });
         let copy = stage(work, &name, &pgdata, &corpus, &names)?;
         let dir = work.join(&name);
         let conf = pgbackrest_conf(&dir, &copy, asynchronous, processes, "")?;
@@ -288,9 +311,9 @@ fn bench(work: &Path, args: &Args) -> Result<Vec<Result1>> {
             "pgbackrest stanza-create",
         )?;
         let r = measure("pgbackrest", mode, &copy, &names, &dir.join("repo").join("archive"), |p| {
-            let mut c = as_postgres(&pgbackrest);
+            let mut c = as_postgres_direct(&pgbackrest)?;
             c.arg(format!("--config={}", conf.display())).args(["--stanza=bench", "archive-push", p]);
-            c
+            Ok(c)
         })?;
         results.push(r);
     }
