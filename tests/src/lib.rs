@@ -312,3 +312,92 @@ pub async fn wait_leader(rest: &Rest, nodes: &[&Node], timeout: Duration) -> Res
     })
     .await
 }
+
+/// A one-host stack on loopback: a single control-plane node and one real agent (PostgreSQL on a
+/// free port), its files under `root`. Dropping it stops both; the `Scratch` holding `root`
+/// stops PostgreSQL.
+pub struct OneHost {
+    pub node: Node,
+    pub agent: Proc,
+    pub admin: String,
+    pub token_file: PathBuf,
+    pub rest: Rest,
+}
+
+impl OneHost {
+    /// Starts the node and the agent (with `agent_args` added, e.g. `--repo DIR`) and waits for
+    /// the node to lead.
+    pub async fn start(root: &Path, agent_args: &[&str]) -> Result<Self> {
+        let (token_file, admin) = admin_token(root)?;
+        let mut node = Node::new(root, 1, &token_file, &[]);
+        let m = node.member();
+        node.args.extend(["--initial-member".to_string(), m]);
+        node.start()?;
+        let rest = Rest::default();
+        wait_leader(&rest, &[&node], Duration::from_secs(30)).await?;
+        let agent_addr = format!("127.0.0.1:{}", free_port());
+        let pg_port = free_port().to_string();
+        let data_path = root.join("host-a").display().to_string();
+        let mut args: Vec<String> = [
+            "run",
+            "--control-plane",
+            &node.grpc,
+            "--listen",
+            &agent_addr,
+            "--data-path",
+            &data_path,
+            "--pg-listen",
+            "127.0.0.1",
+            "--pg-port",
+            &pg_port,
+            "--memory-budget-mb",
+            "256",
+            "--zone",
+            "a",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(agent_args.iter().map(|s| s.to_string()));
+        let agent = Proc::spawn("agent", &bin("steward-agent"), &args, &root.join("agent.log"))?;
+        Ok(OneHost { node, agent, admin, token_file, rest })
+    }
+
+    /// Creates a team; returns its token.
+    pub async fn team(&self, name: &str) -> Result<String> {
+        let (s, v) =
+            self.rest.post(&self.node.url("/v1/teams"), &self.admin, &serde_json::json!({"name": name})).await?;
+        anyhow::ensure!(s == 201, "team {name}: {s} {v}");
+        Ok(v["token"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Creates a database (retrying while the agent has not registered yet) and waits until it
+    /// is active; returns its view.
+    pub async fn active_database(&self, token: &str, name: &str) -> Result<serde_json::Value> {
+        let url = self.node.url("/v1/databases");
+        let created = wait_for("a host to accept the database", Duration::from_secs(30), || async {
+            let body = serde_json::json!({"name": name, "purpose": format!("{name} for tests")});
+            let (s, v) = self.rest.post(&url, token, &body).await?;
+            match s {
+                202 => Ok(Some(v)),
+                503 => Ok(None),
+                _ => anyhow::bail!("create {name}: {s} {v}"),
+            }
+        })
+        .await?;
+        let id = created["id"].as_str().unwrap_or_default().to_string();
+        self.wait_state(token, &id, "active").await
+    }
+
+    /// Waits until the database is in `state` (failing if it fails); returns its view.
+    pub async fn wait_state(&self, token: &str, id: &str, state: &str) -> Result<serde_json::Value> {
+        let url = self.node.url(&format!("/v1/databases/{id}"));
+        wait_for(&format!("database {id} to become {state}"), Duration::from_secs(240), || async {
+            let (s, v) = self.rest.get(&url, token).await?;
+            anyhow::ensure!(s == 200, "get {id}: {s} {v}");
+            anyhow::ensure!(v["state"] != "failed", "database {id} failed: {v}");
+            Ok((v["state"] == state).then_some(v))
+        })
+        .await
+    }
+}

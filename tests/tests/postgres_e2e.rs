@@ -4,59 +4,15 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use serde_json::{json, Value};
-use steward_tests::{admin_token, bin, free_port, wait_for, wait_leader, Node, Proc, Rest, Scratch};
-
-async fn wait_active(rest: &Rest, node: &Node, token: &str, id: &str) -> Result<Value> {
-    wait_for("the database to become active", Duration::from_secs(180), || async {
-        let (s, v) = rest.get(&node.url(&format!("/v1/databases/{id}")), token).await?;
-        ensure!(s == 200, "get: {s} {v}");
-        ensure!(v["state"] != "failed", "provisioning failed: {v}");
-        Ok((v["state"] == "active").then_some(v))
-    })
-    .await
-}
+use serde_json::json;
+use steward_tests::{wait_for, OneHost, Scratch};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_is_created_and_usable() -> Result<()> {
     let scratch = Scratch::new("steward-e2e-")?;
-    let root = scratch.path();
-    let (token_file, admin) = admin_token(root)?;
-    let mut node = Node::new(root, 1, &token_file, &[]);
-    let m = node.member();
-    node.args.extend(["--initial-member".to_string(), m]);
-    node.start()?;
-    let rest = Rest::default();
-    wait_leader(&rest, &[&node], Duration::from_secs(30)).await?;
-
-    let agent_addr = format!("127.0.0.1:{}", free_port());
-    let pg_port = free_port();
-    let args: Vec<String> = [
-        "run",
-        "--control-plane",
-        &node.grpc,
-        "--listen",
-        &agent_addr,
-        "--data-path",
-        &root.join("host-a").display().to_string(),
-        "--pg-listen",
-        "127.0.0.1",
-        "--pg-port",
-        &pg_port.to_string(),
-        "--memory-budget-mb",
-        "256",
-        "--zone",
-        "a",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let _agent = Proc::spawn("agent", &bin("steward-agent"), &args, &root.join("agent.log"))?;
-
-    let (s, v) =
-        rest.post(&node.url("/v1/teams"), &admin, &json!({"name": "shop", "contact": "shop@example.com"})).await?;
-    ensure!(s == 201, "team: {s} {v}");
-    let token = v["token"].as_str().unwrap_or_default().to_string();
+    let host = OneHost::start(scratch.path(), &[]).await?;
+    let (rest, node) = (&host.rest, &host.node);
+    let token = host.team("shop").await?;
 
     // The agent registers asynchronously: retry while no host is known yet (503).
     let started = Instant::now();
@@ -73,7 +29,7 @@ async fn database_is_created_and_usable() -> Result<()> {
     .await?;
     let t_accept = Instant::now();
     let id = created["id"].as_str().unwrap_or_default().to_string();
-    let db = wait_active(&rest, &node, &token, &id).await?;
+    let db = host.wait_state(&token, &id, "active").await?;
     let first = t_accept.elapsed();
     println!(
         "first database (initdb included): active {first:?} after POST (host registration wait {:?})",
@@ -104,7 +60,7 @@ async fn database_is_created_and_usable() -> Result<()> {
         rest.post(&node.url("/v1/databases"), &token, &json!({"name": "carts", "purpose": "shopping carts"})).await?;
     ensure!(s == 202, "second create: {s} {v}");
     let id2 = v["id"].as_str().unwrap_or_default().to_string();
-    let db2 = wait_active(&rest, &node, &token, &id2).await?;
+    let db2 = host.wait_state(&token, &id2, "active").await?;
     println!("second database (PostgreSQL already running): active {:?} after POST", t.elapsed());
     ensure!(db2["connection"]["port"] == db["connection"]["port"], "both databases share the instance");
     let uri2 = db2["connection"]["uri"].as_str().context("uri2")?.to_string();

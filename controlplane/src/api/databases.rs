@@ -56,11 +56,23 @@ pub async fn connection(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx:
 
 /// JSON view of a database; `connection` only once it is usable.
 pub async fn view(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx::Error> {
-    let conn = if db.state == db_state::ACTIVE { connection(pool, db).await? } else { Value::Null };
+    let usable = db.state == db_state::ACTIVE || db.state == db_state::DEPRECATED;
+    let conn = if usable { connection(pool, db).await? } else { Value::Null };
     let op = query::provision_operation_of(pool, &db.id).await?;
     let restored_from = query::restore_source(pool, &db.id).await?.map(|r| {
         json!({"database_id": r.source_database_id, "target_time": (!r.target_time.is_empty()).then_some(r.target_time)})
     });
+    let deprecation =
+        (db.state == db_state::DEPRECATED).then(|| json!({"reason": db.deprecation_reason, "sunset_at": db.sunset_at}));
+    let mut warnings = Vec::new();
+    if db.state == db_state::DEPRECATED {
+        warnings.push(format!(
+            "this database is deprecated ({}) and planned to go away at {}",
+            db.deprecation_reason, db.sunset_at
+        ));
+    }
+    let archive = (db.state == db_state::ARCHIVED || !db.archive_location.is_empty())
+        .then(|| json!({"location": db.archive_location, "bytes": db.archive_bytes}));
     Ok(json!({
         "id": db.id,
         "name": db.name,
@@ -74,6 +86,9 @@ pub async fn view(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx::Error
         "updated_at": db.updated_at,
         "operation_id": op.map(|o| o.id),
         "restored_from": restored_from,
+        "deprecation": deprecation,
+        "archive": archive,
+        "warnings": warnings,
         "connection": conn,
     }))
 }
@@ -280,6 +295,11 @@ async fn submit(
         password: new_password(),
         created_at: at.clone(),
         updated_at: at.clone(),
+        deprecation_reason: String::new(),
+        sunset_at: String::new(),
+        archive_location: String::new(),
+        archive_bytes: 0,
+        deleted_at: String::new(),
     };
     let operation = Operation {
         id: uuid::Uuid::new_v4().to_string(),

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod databases;
 pub mod error;
+pub mod lifecycle;
 pub mod operations;
 pub mod system;
 pub mod teams;
@@ -36,8 +37,12 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/teams", post(teams::create))
         .route("/v1/databases", post(databases::create).get(databases::list))
-        .route("/v1/databases/:id", get(databases::get))
+        .route("/v1/databases/:id", get(databases::get).delete(lifecycle::delete))
         .route("/v1/databases/:id/restore", post(databases::restore))
+        .route("/v1/databases/:id/deprecate", post(lifecycle::deprecate))
+        .route("/v1/databases/:id/reactivate", post(lifecycle::reactivate))
+        .route("/v1/databases/:id/transfer", post(lifecycle::transfer))
+        .route("/v1/audit", get(lifecycle::audit))
         .route("/v1/operations/:id", get(operations::get))
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))

@@ -181,9 +181,59 @@ pub fn restore(
     Ok(ValidRestore { target_time, name })
 }
 
+/// Body of `POST /v1/databases/{id}/deprecate`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeprecateRequest {
+    pub reason: String,
+    /// RFC 3339: when the database is planned to go away.
+    pub sunset_at: String,
+}
+
+/// Checks a deprecation: a reason, and a sunset time that is not in the past. Returns the
+/// normalized sunset time.
+pub fn deprecation(req: &DeprecateRequest, now: chrono::DateTime<chrono::Utc>) -> Result<String, ApiError> {
+    let reason = req.reason.trim();
+    if reason.is_empty() || reason.len() > 1000 {
+        return Err(ApiError::Unprocessable(
+            "reason must be 1-1000 characters: say why the database goes away and what replaces it".into(),
+        ));
+    }
+    let sunset = chrono::DateTime::parse_from_rfc3339(&req.sunset_at).map_err(|e| {
+        ApiError::Unprocessable(format!(
+            "sunset_at '{}' is not an RFC 3339 time such as 2027-03-31T00:00:00Z: {e}",
+            req.sunset_at
+        ))
+    })?;
+    if sunset.with_timezone(&chrono::Utc) < now {
+        return Err(ApiError::Unprocessable(format!("sunset_at {} is in the past", req.sunset_at)));
+    }
+    Ok(sunset.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// Body of `POST /v1/databases/{id}/transfer`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequest {
+    pub owner: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deprecations() {
+        let now: chrono::DateTime<chrono::Utc> = "2026-11-25T12:00:00Z".parse().unwrap();
+        let d = |reason: &str, sunset: &str| DeprecateRequest { reason: reason.into(), sunset_at: sunset.into() };
+        assert_eq!(
+            deprecation(&d("moved to orders_v2", "2027-01-01T01:00:00+01:00"), now).unwrap(),
+            "2027-01-01T00:00:00Z"
+        );
+        assert!(deprecation(&d(" ", "2027-01-01T00:00:00Z"), now).unwrap_err().to_string().contains("reason"));
+        assert!(deprecation(&d("x", "next year"), now).unwrap_err().to_string().contains("RFC 3339"));
+        assert!(deprecation(&d("x", "2026-01-01T00:00:00Z"), now).unwrap_err().to_string().contains("past"));
+    }
 
     #[test]
     fn restore_requests() {

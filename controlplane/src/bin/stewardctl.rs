@@ -49,6 +49,15 @@ enum Cmd {
     Databases,
     /// Show one operation.
     Operation { id: String },
+    /// The audit log, newest first: who changed what, when, and the outcome.
+    Audit {
+        /// Only entries about this target (a database id, team, cluster/label, ...).
+        #[arg(long)]
+        target: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// List recorded backups, newest first: what, from which member, label in the repository,
     /// size. The repository itself: `steward-agent info --repo ... --stanza <cluster>`.
     Backups {
@@ -423,6 +432,37 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::json!({"operation_id": o.id, "state": o.state}));
             } else {
                 println!("{}", o.id);
+            }
+        }
+        Cmd::Audit { target, limit } => {
+            let r = c
+                .list_audit(req(&tok, ListAuditRequest { target: target.clone().unwrap_or_default(), limit: *limit })?)
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                let v: Vec<_> = r
+                    .entries
+                    .iter()
+                    .map(|e| serde_json::json!({"seq": e.seq, "at": e.at, "actor": e.actor, "action": e.action, "target": e.target, "outcome": e.outcome}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                table(
+                    &["SEQ", "AT", "ACTOR", "ACTION", "TARGET", "OUTCOME"],
+                    r.entries
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e.seq.to_string(),
+                                e.at.clone(),
+                                e.actor.clone(),
+                                e.action.clone(),
+                                e.target.clone(),
+                                e.outcome.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
             }
         }
         Cmd::Backups { cluster, limit } => {

@@ -325,6 +325,16 @@ impl Operator for OperatorService {
         Ok(Response::new(operation_info(op)))
     }
 
+    async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<ListAuditReply>, Status> {
+        authorize(&req, &self.admin_token_hash)?;
+        self.read().await?;
+        let r = req.into_inner();
+        let target = (!r.target.is_empty()).then_some(r.target.as_str());
+        let limit = if r.limit == 0 { 100 } else { i64::from(r.limit.min(10_000)) };
+        let rows = query::audit(self.node.store.pool(), target, limit).await.map_err(internal)?;
+        Ok(Response::new(ListAuditReply { entries: rows.into_iter().map(audit_entry).collect() }))
+    }
+
     async fn list_backups(&self, req: Request<ListBackupsRequest>) -> Result<Response<ListBackupsReply>, Status> {
         authorize(&req, &self.admin_token_hash)?;
         self.read().await?;
@@ -355,6 +365,10 @@ impl Operator for OperatorService {
             .collect();
         Ok(Response::new(ListBackupsReply { backups }))
     }
+}
+
+fn audit_entry(a: query::AuditEntry) -> AuditEntry {
+    AuditEntry { seq: a.seq, at: a.at, actor: a.actor, action: a.action, target: a.target, outcome: a.outcome }
 }
 
 fn operation_info(op: crate::state::model::Operation) -> OperationInfo {

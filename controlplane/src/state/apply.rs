@@ -4,6 +4,7 @@
 use sqlx::SqliteConnection;
 
 use super::command::{Command, Response};
+use super::lifecycle::{self, Action};
 use super::model::{db_state, member_role, op_state, Member};
 
 /// Applies `cmd`; an `Err` is a storage failure (the transaction is rolled back by the caller).
@@ -320,6 +321,98 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                 .await?;
             let target = cluster.map(|(c,)| format!("{c}/{label}")).unwrap_or_default();
             audit(conn, at, "controlplane", "backup.finish", &target, state).await?;
+            Ok(Response::Done)
+        }
+        Command::ChangeDatabase { id, action, reason, sunset_at, new_owner, at, actor } => {
+            let what = action.audit_name();
+            let cur: Option<(String, String, String)> =
+                sqlx::query_as("SELECT state, owner, name FROM databases WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let Some((state, owner, name)) = cur else {
+                return Ok(Response::NotFound { message: format!("database {id} does not exist") });
+            };
+            let to = match lifecycle::transition(&state, *action) {
+                Ok(to) => to,
+                Err(message) => {
+                    audit(conn, at, actor, what, id, &format!("refused: {message}")).await?;
+                    return Ok(Response::Conflict { message });
+                }
+            };
+            match action {
+                Action::Transfer => {
+                    let team: Option<(String,)> = sqlx::query_as("SELECT name FROM teams WHERE name = ?")
+                        .bind(new_owner)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    if team.is_none() {
+                        return Ok(Response::NotFound { message: format!("team '{new_owner}' does not exist") });
+                    }
+                    if new_owner == &owner {
+                        return Ok(Response::Conflict { message: format!("team '{owner}' owns the database already") });
+                    }
+                    let dup: Option<(String,)> = sqlx::query_as(
+                        "SELECT id FROM databases WHERE owner = ? AND name = ? AND state <> 'deleted' AND id <> ?",
+                    )
+                    .bind(new_owner)
+                    .bind(&name)
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    if dup.is_some() {
+                        let message = format!(
+                            "team '{new_owner}' already has a database named '{name}'; rename one of them first"
+                        );
+                        audit(conn, at, actor, what, id, &format!("refused: {message}")).await?;
+                        return Ok(Response::Conflict { message });
+                    }
+                    sqlx::query("UPDATE databases SET owner = ?, updated_at = ? WHERE id = ?")
+                        .bind(new_owner)
+                        .bind(at)
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await?;
+                    event(conn, id, at, to, &format!("owner {owner} → {new_owner}")).await?;
+                }
+                Action::Deprecate => {
+                    sqlx::query(
+                        "UPDATE databases SET state = ?, deprecation_reason = ?, sunset_at = ?, updated_at = ?
+                         WHERE id = ?",
+                    )
+                    .bind(to)
+                    .bind(reason)
+                    .bind(sunset_at)
+                    .bind(at)
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                    event(conn, id, at, to, &format!("deprecated: {reason} (sunset {sunset_at})")).await?;
+                }
+                Action::Reactivate => {
+                    sqlx::query(
+                        "UPDATE databases SET state = ?, deprecation_reason = '', sunset_at = '', updated_at = ?
+                         WHERE id = ?",
+                    )
+                    .bind(to)
+                    .bind(at)
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+                    event(conn, id, at, to, "reactivated").await?;
+                }
+                Action::Delete => {
+                    sqlx::query("UPDATE databases SET state = ?, deleted_at = ?, updated_at = ? WHERE id = ?")
+                        .bind(to)
+                        .bind(at)
+                        .bind(at)
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await?;
+                    event(conn, id, at, to, "deleted by its owner").await?;
+                }
+            }
+            audit(conn, at, actor, what, id, "ok").await?;
             Ok(Response::Done)
         }
         Command::UpdateOperation { id, step, attempts, error, at } => {

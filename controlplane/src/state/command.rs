@@ -93,6 +93,22 @@ pub enum Command {
         error: String,
         at: String,
     },
+    /// A lifecycle change a caller asked for (deprecate, reactivate, transfer, delete), checked
+    /// against the transition table at apply time; `Conflict` with the reason otherwise.
+    ChangeDatabase {
+        id: String,
+        action: super::lifecycle::Action,
+        /// Deprecate: why, and the planned end (RFC 3339).
+        #[serde(default)]
+        reason: String,
+        #[serde(default)]
+        sunset_at: String,
+        /// Transfer: the team that owns the database from now on.
+        #[serde(default)]
+        new_owner: String,
+        at: String,
+        actor: String,
+    },
     /// Ends a provisioning operation: the database becomes `active` (or `failed`).
     FinishProvision {
         operation_id: String,

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod command;
+pub mod lifecycle;
 pub mod model;
 pub mod query;
 pub mod store;

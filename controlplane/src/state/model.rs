@@ -7,6 +7,12 @@ use serde::{Deserialize, Serialize};
 pub mod db_state {
     pub const PROVISIONING: &str = "provisioning";
     pub const ACTIVE: &str = "active";
+    /// Still fully usable, with a reason and a sunset date; may be reactivated.
+    pub const DEPRECATED: &str = "deprecated";
+    /// A verified final backup exists; the live data is gone.
+    pub const ARCHIVED: &str = "archived";
+    /// Deleted by its owner after archival; the record stays for audit.
+    pub const DELETED: &str = "deleted";
     pub const FAILED: &str = "failed";
 }
 
@@ -119,6 +125,18 @@ pub struct Database {
     pub password: String,
     pub created_at: String,
     pub updated_at: String,
+    #[serde(default)]
+    pub deprecation_reason: String,
+    /// RFC 3339, when deprecated.
+    #[serde(default)]
+    pub sunset_at: String,
+    /// Where the final archive of an archived database is, and its size.
+    #[serde(default)]
+    pub archive_location: String,
+    #[serde(default)]
+    pub archive_bytes: i64,
+    #[serde(default)]
+    pub deleted_at: String,
 }
 
 /// A durable multi-step job (provision, later failover, move, ...), resumed by whichever node leads.

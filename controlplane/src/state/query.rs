@@ -154,3 +154,23 @@ pub async fn first_backup_finished(pool: &SqlitePool, cluster_id: &str) -> Resul
             .await?;
     Ok(row.0)
 }
+
+/// One audit log entry.
+#[derive(Debug, Clone, sqlx::FromRow, PartialEq)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+}
+
+/// Audit entries, newest first: about one target, or all; at most `limit`.
+pub async fn audit(pool: &SqlitePool, target: Option<&str>, limit: i64) -> Result<Vec<AuditEntry>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM audit WHERE (?1 IS NULL OR target = ?1) ORDER BY seq DESC LIMIT ?2")
+        .bind(target)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
