@@ -77,6 +77,9 @@ pub struct Host {
     pub backups: crate::jobs::JobTable<steward_proto::v1::BackupReply>,
     /// Database restores (clones) the control plane asked for, likewise.
     pub restores: crate::jobs::JobTable<steward_proto::v1::RestoreDatabaseReply>,
+    /// Archives of databases and loads of archives, likewise.
+    pub archives: crate::jobs::JobTable<steward_proto::v1::ArchiveDatabaseReply>,
+    pub loads: crate::jobs::JobTable<steward_proto::v1::LoadArchiveReply>,
 }
 
 /// Slot name of a member on its primary.
@@ -107,6 +110,8 @@ impl Host {
             started: Instant::now(),
             backups: Default::default(),
             restores: Default::default(),
+            archives: Default::default(),
+            loads: Default::default(),
         }
     }
 

@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 use steward_proto::v1::agent_server::Agent;
 use steward_proto::v1::{
-    AgentStatusReply, AgentStatusRequest, BackupReply, BackupRequest, EnsureDatabaseReply, EnsureDatabaseRequest,
-    EnsureInstanceReply, EnsureInstanceRequest, FenceReply, FenceRequest, PeerLeaseReply, PeerLeaseRequest,
-    PromoteReply, PromoteRequest, RestoreDatabaseReply, RestoreDatabaseRequest, SwitchWalReply, SwitchWalRequest,
+    AgentStatusReply, AgentStatusRequest, ArchiveDatabaseReply, ArchiveDatabaseRequest, BackupReply, BackupRequest,
+    DeleteArchiveReply, DeleteArchiveRequest, EnsureDatabaseReply, EnsureDatabaseRequest, EnsureInstanceReply,
+    EnsureInstanceRequest, FenceReply, FenceRequest, LoadArchiveReply, LoadArchiveRequest, PeerLeaseReply,
+    PeerLeaseRequest, PromoteReply, PromoteRequest, RestoreDatabaseReply, RestoreDatabaseRequest, SwitchWalReply,
+    SwitchWalRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -20,6 +22,14 @@ use crate::state::ClusterRecord;
 fn valid_cluster_id(id: &str) -> Result<(), Status> {
     if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(Status::invalid_argument("cluster_id must be 1-128 letters, digits, '-' or '_'"));
+    }
+    Ok(())
+}
+
+/// Operation and database ids name scratch directories and repository keys.
+fn valid_operation_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(Status::invalid_argument("operation and database ids must be 1-64 letters, digits or '-'"));
     }
     Ok(())
 }
@@ -69,6 +79,15 @@ pub struct AgentService {
 }
 
 impl AgentService {
+    /// The backup repository this agent was started with.
+    fn repo(&self) -> Result<String, Status> {
+        self.host
+            .archiving
+            .as_ref()
+            .map(|a| a.repo.clone())
+            .ok_or_else(|| Status::failed_precondition("this agent has no backup repository: start it with --repo"))
+    }
+
     /// This host's running primary of the cluster at `epoch` (refusing older epochs).
     async fn serving_primary(&self, cluster_id: &str, epoch: u64) -> Result<Arc<crate::pg::Instance>, Status> {
         let rec = self.host.admit(cluster_id, epoch, None).await.map_err(refusal)?;
@@ -242,6 +261,69 @@ impl Agent for AgentService {
         });
         let reply = self.host.restores.run(&r.operation_id, job).await.map_err(Status::internal)?;
         Ok(Response::new(reply))
+    }
+
+    async fn archive_database(
+        &self,
+        req: Request<ArchiveDatabaseRequest>,
+    ) -> Result<Response<ArchiveDatabaseReply>, Status> {
+        let r = req.into_inner();
+        valid_cluster_id(&r.cluster_id)?;
+        valid_operation_id(&r.operation_id)?;
+        valid_operation_id(&r.database_id)?;
+        for (what, name) in [("database", &r.database), ("role", &r.role)] {
+            crate::pg::sql::validate_identifier(what, name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let repo = self.repo()?;
+        let inst = self.serving_primary(&r.cluster_id, r.epoch).await?;
+        tracing::info!(cluster = %r.cluster_id, op = %r.operation_id, database = %r.database, "archive requested");
+        let job = crate::tasks::archive_database(crate::tasks::ArchiveRequest {
+            inst,
+            repo,
+            work_dir: self.host.cfg.data_path.join("archives").join(&r.operation_id),
+            operation_id: r.operation_id.clone(),
+            database_id: r.database_id,
+            database: r.database,
+            role: r.role,
+        });
+        let reply = self.host.archives.run(&r.operation_id, job).await.map_err(Status::internal)?;
+        Ok(Response::new(reply))
+    }
+
+    async fn load_archive(&self, req: Request<LoadArchiveRequest>) -> Result<Response<LoadArchiveReply>, Status> {
+        let r = req.into_inner();
+        valid_cluster_id(&r.cluster_id)?;
+        valid_operation_id(&r.operation_id)?;
+        for (what, name) in [("database", &r.database), ("role", &r.role)] {
+            crate::pg::sql::validate_identifier(what, name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        crate::backup::repo::check_key(&r.key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let repo = self.repo()?;
+        let inst = self.serving_primary(&r.cluster_id, r.epoch).await?;
+        let job = crate::tasks::load_archive(crate::tasks::LoadRequest {
+            inst,
+            repo,
+            work_dir: self.host.cfg.data_path.join("archives").join(&r.operation_id),
+            operation_id: r.operation_id.clone(),
+            key: r.key,
+            sha256: r.sha256,
+            database: r.database,
+            role: r.role,
+            password_scram: r.password_scram,
+        });
+        let reply = self.host.loads.run(&r.operation_id, job).await.map_err(Status::internal)?;
+        Ok(Response::new(reply))
+    }
+
+    async fn delete_archive(&self, req: Request<DeleteArchiveRequest>) -> Result<Response<DeleteArchiveReply>, Status> {
+        let r = req.into_inner();
+        if !r.key.starts_with("archives/") || !r.key.ends_with(".dump") {
+            return Err(Status::invalid_argument("key must name an archive: archives/<database>/<operation>.dump"));
+        }
+        crate::backup::repo::check_key(&r.key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let repo = self.repo()?;
+        let removed = crate::tasks::delete_archive(&repo, &r.key).await.map_err(Status::unavailable)?;
+        Ok(Response::new(DeleteArchiveReply { removed }))
     }
 
     async fn status(&self, _req: Request<AgentStatusRequest>) -> Result<Response<AgentStatusReply>, Status> {

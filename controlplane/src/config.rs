@@ -83,6 +83,10 @@ pub struct NodeArgs {
     /// Incremental backups in between, this often (e.g. 1d, 6h; "off": fulls only). Default 1d.
     #[arg(long, env = "STEWARD_BACKUP_INCR_EVERY")]
     pub backup_incr_every: Option<String>,
+    /// A deleted database's archive stays in the repository this long (e.g. 30d; 0 removes it
+    /// right away). Default 7d.
+    #[arg(long, env = "STEWARD_ARCHIVE_DELETE_GRACE")]
+    pub archive_delete_grace: Option<String>,
 }
 
 /// Resolved configuration.
@@ -99,6 +103,7 @@ pub struct NodeConfig {
     pub agent_heartbeat_ms: u32,
     pub host_down_after: Duration,
     pub backup_policy: BackupPolicy,
+    pub archive_grace: Duration,
 }
 
 /// Parses `ID=GRPC,API`.
@@ -184,6 +189,11 @@ impl NodeArgs {
             )?,
             retry_after: defaults.retry_after,
         };
+        let archive_grace = interval(
+            "archive_delete_grace",
+            self.archive_delete_grace.or(file.archive_delete_grace),
+            Duration::from_secs(7 * 86_400),
+        )?;
         let admin_token_file =
             self.admin_token_file.or(file.admin_token_file).unwrap_or_else(|| data_dir.join("admin.token"));
         Ok(NodeConfig {
@@ -198,6 +208,7 @@ impl NodeArgs {
             agent_heartbeat_ms: self.agent_heartbeat_ms.or(file.agent_heartbeat_ms).unwrap_or(1000).max(50),
             host_down_after: Duration::from_millis(self.host_down_after_ms.or(file.host_down_after_ms).unwrap_or(5000)),
             backup_policy,
+            archive_grace,
         })
     }
 }

@@ -62,6 +62,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         agent_heartbeat_ms: 1000,
         host_down_after: Duration::from_secs(5),
         backup_policy: Default::default(),
+        archive_grace: Duration::from_secs(7 * 86_400),
     };
     let node = crate::server::start(cfg).await?;
     // The agents run in this process, but PostgreSQL's archive_command needs the steward-agent

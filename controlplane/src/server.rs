@@ -93,8 +93,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let grpc_addr = grpc_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
 
-    let ctx =
-        reconcile::Ctx::new(node.clone(), liveness.clone(), metrics.clone(), cfg.host_down_after, cfg.backup_policy);
+    let ctx = reconcile::Ctx::new(
+        node.clone(),
+        liveness.clone(),
+        metrics.clone(),
+        cfg.host_down_after,
+        cfg.backup_policy,
+        cfg.archive_grace,
+    );
     let grpc = tonic::transport::Server::builder()
         .add_service(RaftServer::new(RaftService::new(node.clone())).max_decoding_message_size(64 << 20))
         .add_service(ControlPlaneServer::new(AgentFacing {

@@ -325,11 +325,27 @@ pub struct OneHost {
 }
 
 impl OneHost {
-    /// Starts the node and the agent (with `agent_args` added, e.g. `--repo DIR`) and waits for
-    /// the node to lead.
-    pub async fn start(root: &Path, agent_args: &[&str]) -> Result<Self> {
+    /// Starts the node and the agent and waits for the node to lead.
+    pub async fn start(root: &Path) -> Result<Self> {
+        Self::start_with(root, &[], &[]).await
+    }
+
+    /// Like [`OneHost::start`], with flags added to the node and to the agent. With
+    /// `with_repo`, the agent archives into `<root>/repo` (created, owned by PostgreSQL's user)
+    /// and runs from a copy of its binary inside `root`, which PostgreSQL's user can execute as
+    /// archive_command wherever the checkout lives.
+    pub async fn start_with(root: &Path, node_args: &[&str], agent_args: &[&str]) -> Result<Self> {
+        Self::launch(root, node_args, agent_args, false).await
+    }
+
+    /// [`OneHost::start_with`] with the agent archiving into `<root>/repo`.
+    pub async fn start_with_repo(root: &Path, node_args: &[&str]) -> Result<Self> {
+        Self::launch(root, node_args, &[], true).await
+    }
+
+    async fn launch(root: &Path, node_args: &[&str], agent_args: &[&str], with_repo: bool) -> Result<Self> {
         let (token_file, admin) = admin_token(root)?;
-        let mut node = Node::new(root, 1, &token_file, &[]);
+        let mut node = Node::new(root, 1, &token_file, node_args);
         let m = node.member();
         node.args.extend(["--initial-member".to_string(), m]);
         node.start()?;
@@ -359,7 +375,20 @@ impl OneHost {
         .map(|s| s.to_string())
         .collect();
         args.extend(agent_args.iter().map(|s| s.to_string()));
-        let agent = Proc::spawn("agent", &bin("steward-agent"), &args, &root.join("agent.log"))?;
+        let mut exe = bin("steward-agent");
+        if with_repo {
+            let repo = root.join("repo");
+            std::fs::create_dir_all(&repo)?;
+            let out = std::process::Command::new("chown").args(["postgres:postgres"]).arg(&repo).output()?;
+            anyhow::ensure!(out.status.success(), "chown {}: {}", repo.display(), String::from_utf8_lossy(&out.stderr));
+            let copy = root.join("steward-agent");
+            if std::fs::hard_link(&exe, &copy).is_err() {
+                std::fs::copy(&exe, &copy).context("copying steward-agent")?;
+            }
+            exe = copy;
+            args.extend(["--repo".to_string(), repo.display().to_string()]);
+        }
+        let agent = Proc::spawn("agent", &exe, &args, &root.join("agent.log"))?;
         Ok(OneHost { node, agent, admin, token_file, rest })
     }
 

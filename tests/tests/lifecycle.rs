@@ -15,7 +15,7 @@ fn message(v: &Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_transitions_ownership_and_audit() -> Result<()> {
     let scratch = Scratch::new("steward-lifecycle-")?;
-    let host = OneHost::start(scratch.path(), &[]).await?;
+    let host = OneHost::start(scratch.path()).await?;
     let (rest, node) = (&host.rest, &host.node);
     let shop = host.team("shop").await?;
     let billing = host.team("billing").await?;
@@ -108,5 +108,87 @@ async fn lifecycle_transitions_ownership_and_audit() -> Result<()> {
     let listed: Value = serde_json::from_slice(&out.stdout)?;
     ensure!(listed.as_array().map(Vec::len) == Some(expect.len()), "stewardctl audit: {listed}");
     ensure!(listed[0]["action"] == "database.transfer", "newest first: {listed}");
+    Ok(())
+}
+
+/// Archive → restore → archive → delete with a real repository: the archive is verified before
+/// the live database goes, the restored database holds the same data under the same id, a
+/// deleted database's archive is removed after the grace period (0 here), and the record stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_restore_delete_round_trip() -> Result<()> {
+    let scratch = Scratch::new("steward-archive-")?;
+    let host = OneHost::start_with_repo(scratch.path(), &["--archive-delete-grace", "0"]).await?;
+    let (rest, node) = (&host.rest, &host.node);
+    let shop = host.team("shop").await?;
+    let db = host.active_database(&shop, "ledger").await?;
+    let id = db["id"].as_str().context("id")?.to_string();
+    let url = |suffix: &str| node.url(&format!("/v1/databases/{id}{suffix}"));
+    let uri = db["connection"]["uri"].as_str().context("uri")?.to_string();
+    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE TABLE entries (id int PRIMARY KEY, amount numeric NOT NULL);
+             INSERT INTO entries SELECT g, g * 1.5 FROM generate_series(1, 1000) g;
+             CREATE TABLE notes (body text); INSERT INTO notes VALUES ('kept');",
+        )
+        .await?;
+    task.abort();
+
+    // Archive: verified final backup, then the live data goes; listed with its archive.
+    let (s, v) = rest.post(&url("/archive"), &shop, &json!({})).await?;
+    ensure!(s == 202 && v["state"] == "archiving", "archive: {s} {v}");
+    let op = v["operation_id"].as_str().context("operation")?.to_string();
+    let archived = host.wait_state(&shop, &id, "archived").await?;
+    ensure!(archived["connection"].is_null(), "an archived database has no connection: {archived}");
+    let location = archived["archive"]["location"].as_str().context("archive location")?;
+    ensure!(
+        location.contains(&format!("archives/{id}/")) && archived["archive"]["bytes"].as_i64() > Some(0),
+        "{archived}"
+    );
+    let (s, v) = rest.get(&node.url(&format!("/v1/operations/{op}")), &shop).await?;
+    ensure!(s == 200 && v["kind"] == "archive" && v["state"] == "succeeded", "archive operation: {s} {v}");
+    ensure!(tokio_postgres::connect(&uri, tokio_postgres::NoTls).await.is_err(), "the archived database still serves");
+    let (s, v) = rest.post(&url("/archive"), &shop, &json!({})).await?;
+    ensure!(s == 409 && message(&v).contains("archived already"), "second archive: {s} {v}");
+    let (s, v) = rest.post(&url("/restore"), &shop, &json!({"target_time": "2026-11-25T00:00:00Z"})).await?;
+    ensure!(s == 422, "point in time of an archived database: {s} {v}");
+
+    // Restore: the same database, same id and owner, with its data.
+    let (s, v) = rest.post(&url("/restore"), &shop, &json!({})).await?;
+    ensure!(s == 202 && v["id"] == id.as_str() && v["state"] == "restoring", "restore: {s} {v}");
+    let back = host.wait_state(&shop, &id, "active").await?;
+    let uri = back["connection"]["uri"].as_str().context("uri after restore")?.to_string();
+    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(conn);
+    let row = client.query_one("SELECT count(*), sum(amount)::text FROM entries", &[]).await?;
+    let (n, sum): (i64, String) = (row.get(0), row.get(1));
+    ensure!(n == 1000 && sum == "750750.0", "restored entries: {n} rows, sum {sum}");
+    let note: String = client.query_one("SELECT body FROM notes", &[]).await?.get(0);
+    ensure!(note == "kept", "restored note {note}");
+    client.batch_execute("INSERT INTO notes VALUES ('writable')").await?;
+    task.abort();
+
+    // Archive again, delete: the record stays as deleted, the archive goes after the grace.
+    let (s, v) = rest.post(&url("/archive"), &shop, &json!({})).await?;
+    ensure!(s == 202, "second archive: {s} {v}");
+    let archived = host.wait_state(&shop, &id, "archived").await?;
+    let dump = archived["archive"]["location"].as_str().context("location")?.to_string();
+    let dump_path = std::path::PathBuf::from(&dump);
+    ensure!(dump_path.is_file(), "the archive {dump} is not in the repository");
+    let (s, v) = rest.send(Method::DELETE, &url(""), Some(&shop), None).await?;
+    ensure!(s == 200 && v["state"] == "deleted", "delete: {s} {v}");
+    steward_tests::wait_for(
+        "the deleted database's archive to be removed",
+        std::time::Duration::from_secs(60),
+        || async {
+            let (s, v) = rest.get(&url(""), &host.admin).await?;
+            ensure!(s == 200 && v["state"] == "deleted", "deleted record: {s} {v}");
+            Ok((v["archive"].is_null() && !dump_path.exists()).then_some(()))
+        },
+    )
+    .await?;
+    let (s, v) = rest.get(&node.url("/v1/databases"), &shop).await?;
+    ensure!(s == 200 && v["databases"].as_array().is_some_and(|d| d.is_empty()), "a deleted database is listed: {v}");
     Ok(())
 }

@@ -10,7 +10,7 @@ use steward_tests::{wait_for, OneHost, Scratch};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_is_created_and_usable() -> Result<()> {
     let scratch = Scratch::new("steward-e2e-")?;
-    let host = OneHost::start(scratch.path(), &[]).await?;
+    let host = OneHost::start(scratch.path()).await?;
     let (rest, node) = (&host.rest, &host.node);
     let token = host.team("shop").await?;
 

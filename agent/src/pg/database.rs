@@ -22,11 +22,16 @@ impl Instance {
     /// Superuser client over the unix socket; the connection task is spawned
     /// and ends when the client is dropped.
     pub async fn superuser_client(&self) -> Result<Client, PgError> {
+        self.superuser_client_to("postgres").await
+    }
+
+    /// A superuser connection to `database` over the private unix socket.
+    pub async fn superuser_client_to(&self, database: &str) -> Result<Client, PgError> {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host_path(&self.spec.socket_dir)
             .port(self.spec.port)
             .user("postgres")
-            .dbname("postgres")
+            .dbname(database)
             .application_name("steward-agent")
             .connect_timeout(Duration::from_secs(10));
         let (client, connection) = cfg

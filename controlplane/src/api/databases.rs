@@ -300,6 +300,8 @@ async fn submit(
         archive_location: String::new(),
         archive_bytes: 0,
         deleted_at: String::new(),
+        archive_key: String::new(),
+        archive_sha256: String::new(),
     };
     let operation = Operation {
         id: uuid::Uuid::new_v4().to_string(),
@@ -376,9 +378,20 @@ pub async fn restore(
             return Err(not_found());
         }
     }
-    if source.state != db_state::ACTIVE {
+    if source.state == db_state::ARCHIVED {
+        if req.target_time.is_some() || req.name.is_some() {
+            return Err(ApiError::Unprocessable(
+                "an archived database comes back as it was archived, under its own id and name: \
+                 send no target_time and no name"
+                    .into(),
+            ));
+        }
+        return unarchive(&state, &who, source).await;
+    }
+    if source.state != db_state::ACTIVE && source.state != db_state::DEPRECATED {
         return Err(ApiError::Conflict(format!(
-            "database {id} is {}: only an active database can be copied to a point in time",
+            "database {id} is {}: only a live database can be copied to a point in time, or an archived one \
+             brought back",
             source.state
         )));
     }
@@ -404,6 +417,83 @@ pub async fn restore(
     let new =
         NewRecord { owner: source.owner.clone(), valid: new, kind: op_kind::RESTORE, restore_of: Some(restore_of) };
     submit(&state, planned, new, idempotency_key, actor_of(&who)).await
+}
+
+/// Brings an archived database back under its own id: a new placement, then the `unarchive`
+/// operation provisions it and loads its archive.
+async fn unarchive(state: &AppState, who: &Caller, db: Database) -> Result<HttpResponse, ApiError> {
+    let pool = state.node.store.pool();
+    let planned = plan_placement(pool, &db.availability).await?;
+    let pg_name = placement::pg_name(&db.name, &db.id, &planned.taken_pg_names);
+    let at = crate::now();
+    let operation = Operation {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: op_kind::UNARCHIVE.into(),
+        database_id: db.id.clone(),
+        state: op_state::RUNNING.into(),
+        step: "queued".into(),
+        attempts: 0,
+        error: String::new(),
+        created_at: at.clone(),
+        updated_at: at.clone(),
+    };
+    let cmd = Command::Unarchive {
+        id: db.id.clone(),
+        cluster_id: planned.cluster_id,
+        pg_name,
+        new_cluster: planned.new_cluster,
+        new_members: planned.new_members,
+        operation,
+        at,
+        actor: actor_of(who),
+    };
+    match state.node.write(cmd).await? {
+        Response::Done => {}
+        Response::Conflict { message } => return Err(ApiError::Conflict(message)),
+        Response::NotFound { message } => return Err(ApiError::NotFound(message)),
+        other => return Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+    }
+    let db = query::database(pool, &db.id).await?.ok_or_else(|| ApiError::Internal("database vanished".into()))?;
+    Ok((StatusCode::ACCEPTED, Json(view(pool, &db).await?)).into_response())
+}
+
+/// `POST /v1/databases/{id}/archive`: a verified final backup, then the live data is dropped;
+/// the database stays listed as `archived` with where its archive is.
+pub async fn archive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let who = caller(&state, &headers).await?;
+    state.node.linearizable_read().await?;
+    let pool = state.node.store.pool();
+    let not_found = || ApiError::NotFound(format!("database {id} does not exist"));
+    let db = query::database(pool, &id).await?.ok_or_else(not_found)?;
+    if let Caller::Team(t) = &who {
+        if &db.owner != t {
+            return Err(not_found());
+        }
+    }
+    let at = crate::now();
+    let operation = Operation {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: op_kind::ARCHIVE.into(),
+        database_id: id.clone(),
+        state: op_state::RUNNING.into(),
+        step: "queued".into(),
+        attempts: 0,
+        error: String::new(),
+        created_at: at.clone(),
+        updated_at: at.clone(),
+    };
+    match state.node.write(Command::StartArchive { id: id.clone(), operation, at, actor: actor_of(&who) }).await? {
+        Response::Done => {}
+        Response::Conflict { message } => return Err(ApiError::Conflict(message)),
+        Response::NotFound { message } => return Err(ApiError::NotFound(message)),
+        other => return Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+    }
+    let db = query::database(pool, &id).await?.ok_or_else(not_found)?;
+    Ok((StatusCode::ACCEPTED, Json(view(pool, &db).await?)).into_response())
 }
 
 pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {

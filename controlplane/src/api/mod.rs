@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/databases", post(databases::create).get(databases::list))
         .route("/v1/databases/:id", get(databases::get).delete(lifecycle::delete))
         .route("/v1/databases/:id/restore", post(databases::restore))
+        .route("/v1/databases/:id/archive", post(databases::archive))
         .route("/v1/databases/:id/deprecate", post(lifecycle::deprecate))
         .route("/v1/databases/:id/reactivate", post(lifecycle::reactivate))
         .route("/v1/databases/:id/transfer", post(lifecycle::transfer))

@@ -1,6 +1,7 @@
 //! Reconcilers: leader-only loops that compare the replicated desired state with what agents
 //! report and drive agents with idempotent, epoch-carrying commands.
 
+pub mod archive;
 pub mod backup;
 pub mod failover;
 pub mod hosts;
@@ -32,6 +33,8 @@ pub struct Ctx {
     pub down_after: Duration,
     /// When clusters are backed up.
     pub backup_policy: backup::BackupPolicy,
+    /// How long a deleted database's archive is kept.
+    pub archive_grace: Duration,
     /// When the backup scheduler last looked.
     backup_checked: Mutex<Option<Instant>>,
     /// Operations being worked on by this node.
@@ -49,6 +52,7 @@ impl Ctx {
         metrics: Arc<Metrics>,
         down_after: Duration,
         backup_policy: backup::BackupPolicy,
+        archive_grace: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             node,
@@ -57,6 +61,7 @@ impl Ctx {
             metrics,
             down_after,
             backup_policy,
+            archive_grace,
             backup_checked: Mutex::new(None),
             in_flight: Mutex::new(HashSet::new()),
             rejoining: Default::default(),
@@ -90,7 +95,8 @@ impl Ctx {
         self.rejoining.store(false, std::sync::atomic::Ordering::Release);
     }
 
-    /// True at most once every 5 s: the backup scheduler need not look on every tick.
+    /// True at most once every 5 s: the backup scheduler and the archive purge need not look
+    /// on every tick.
     fn backup_check_due(&self) -> bool {
         let Ok(mut last) = self.backup_checked.lock() else { return false };
         if last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
@@ -136,6 +142,9 @@ pub async fn run(ctx: Arc<Ctx>) {
             if let Err(e) = backup::schedule(&ctx).await {
                 tracing::warn!(error = %e, "backup scheduling failed");
             }
+            if let Err(e) = archive::purge(&ctx, ctx.archive_grace).await {
+                tracing::warn!(error = %e, "removing archives of deleted databases failed");
+            }
         }
         match query::running_operations(ctx.node.store.pool()).await {
             Ok(ops) => {
@@ -149,6 +158,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                         let id = op.id.clone();
                         match op.kind.as_str() {
                             op_kind::BACKUP => backup::run(&ctx2, op).await,
+                            op_kind::ARCHIVE => archive::run(&ctx2, op).await,
                             _ => provision::run(&ctx2, op).await,
                         }
                         if let Ok(mut s) = ctx2.in_flight.lock() {

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use steward_proto::v1::{EnsureDatabaseRequest, EnsureInstanceRequest, RestoreDatabaseRequest, SwitchWalRequest};
+use steward_proto::v1::{
+    EnsureDatabaseRequest, EnsureInstanceRequest, LoadArchiveRequest, RestoreDatabaseRequest, SwitchWalRequest,
+};
 
 use super::topology::ensure_request;
 
@@ -207,6 +209,26 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepErr
         .await
         .map_err(|s| StepError::Retry(format!("agent {} ensure_database: {}", host.id, s.message())))?;
 
+    if op.kind == op_kind::UNARCHIVE {
+        step(ctx, op, attempts, "load_archive").await?;
+        let mut req = tonic::Request::new(LoadArchiveRequest {
+            cluster_id: cluster.id.clone(),
+            epoch: cluster.epoch as u64,
+            operation_id: op.id.clone(),
+            key: db.archive_key.clone(),
+            sha256: db.archive_sha256.clone(),
+            database: db.pg_name.clone(),
+            role: db.role_name.clone(),
+            password_scram: steward_agent::pg::scram_verifier(&db.password),
+        });
+        req.set_timeout(Duration::from_secs(6 * 3600));
+        let r = agent
+            .load_archive(req)
+            .await
+            .map_err(|s| StepError::Retry(format!("agent {} load_archive: {}", host.id, s.message())))?
+            .into_inner();
+        tracing::info!(op = %op.id, database = %db.id, bytes = r.bytes, "database loaded from its archive");
+    }
     if op.kind == op_kind::RESTORE {
         let src = query::restore_source(pool, &db.id)
             .await

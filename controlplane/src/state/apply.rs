@@ -5,7 +5,7 @@ use sqlx::SqliteConnection;
 
 use super::command::{Command, Response};
 use super::lifecycle::{self, Action};
-use super::model::{db_state, member_role, op_state, Member};
+use super::model::{db_state, member_role, op_kind, op_state, Member};
 
 /// Applies `cmd`; an `Err` is a storage failure (the transaction is rolled back by the caller).
 pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Response, sqlx::Error> {
@@ -128,63 +128,8 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                 });
             }
             if let Some(c) = new_cluster {
-                let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM clusters WHERE id = ?")
-                    .bind(&c.id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                if exists.is_none() {
-                    let members = if new_members.is_empty() {
-                        vec![Member {
-                            cluster_id: c.id.clone(),
-                            host_id: c.primary_host.clone(),
-                            port: c.port,
-                            role: member_role::PRIMARY.into(),
-                            state: c.state.clone(),
-                        }]
-                    } else {
-                        new_members.clone()
-                    };
-                    for m in &members {
-                        let taken: Option<(String,)> =
-                            sqlx::query_as("SELECT cluster_id FROM cluster_members WHERE host_id = ? AND port = ?")
-                                .bind(&m.host_id)
-                                .bind(m.port)
-                                .fetch_optional(&mut *conn)
-                                .await?;
-                        if taken.is_some() {
-                            return Ok(Response::Conflict {
-                                message: "placement raced with another create; retry the request".to_string(),
-                            });
-                        }
-                    }
-                    sqlx::query(
-                        "INSERT INTO clusters (id, pg_major, primary_host, port, epoch, state, created_at,
-                            availability, replication_password)
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(&c.id)
-                    .bind(c.pg_major)
-                    .bind(&c.primary_host)
-                    .bind(c.port)
-                    .bind(c.epoch)
-                    .bind(&c.state)
-                    .bind(&c.created_at)
-                    .bind(&c.availability)
-                    .bind(&c.replication_password)
-                    .execute(&mut *conn)
-                    .await?;
-                    for m in &members {
-                        sqlx::query(
-                            "INSERT INTO cluster_members (cluster_id, host_id, port, role, state) VALUES (?, ?, ?, ?, ?)",
-                        )
-                        .bind(&m.cluster_id)
-                        .bind(&m.host_id)
-                        .bind(m.port)
-                        .bind(&m.role)
-                        .bind(&m.state)
-                        .execute(&mut *conn)
-                        .await?;
-                    }
+                if let Some(refused) = insert_cluster(conn, c, new_members).await? {
+                    return Ok(refused);
                 }
             }
             sqlx::query(
@@ -401,6 +346,9 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                     .await?;
                     event(conn, id, at, to, "reactivated").await?;
                 }
+                Action::Archive | Action::Unarchive => {
+                    return Ok(Response::Conflict { message: format!("{what} runs as an operation") });
+                }
                 Action::Delete => {
                     sqlx::query("UPDATE databases SET state = ?, deleted_at = ?, updated_at = ? WHERE id = ?")
                         .bind(to)
@@ -413,6 +361,129 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                 }
             }
             audit(conn, at, actor, what, id, "ok").await?;
+            Ok(Response::Done)
+        }
+        Command::StartArchive { id, operation, at, actor } => {
+            let Some(state) = db_state_of(conn, id).await? else {
+                return Ok(Response::NotFound { message: format!("database {id} does not exist") });
+            };
+            let to = match lifecycle::transition(&state, Action::Archive) {
+                Ok(to) => to,
+                Err(message) => {
+                    audit(conn, at, actor, "database.archive", id, &format!("refused: {message}")).await?;
+                    return Ok(Response::Conflict { message });
+                }
+            };
+            set_db_state(conn, id, to, at).await?;
+            insert_operation(conn, operation).await?;
+            event(conn, id, at, to, "archive requested").await?;
+            audit(conn, at, actor, "database.archive", id, "accepted").await?;
+            Ok(Response::Done)
+        }
+        Command::FinishArchive { operation_id, succeeded, location, key, bytes, sha256, error, at } => {
+            let op: Option<(String,)> = sqlx::query_as("SELECT database_id FROM operations WHERE id = ? AND state = ?")
+                .bind(operation_id)
+                .bind(op_state::RUNNING)
+                .fetch_optional(&mut *conn)
+                .await?;
+            let Some((id,)) = op else {
+                return Ok(Response::NotFound { message: format!("no running operation {operation_id}") });
+            };
+            let (op_final, step) =
+                if *succeeded { (op_state::SUCCEEDED, "done") } else { (op_state::FAILED, "failed") };
+            sqlx::query("UPDATE operations SET state = ?, step = ?, error = ?, updated_at = ? WHERE id = ?")
+                .bind(op_final)
+                .bind(step)
+                .bind(error)
+                .bind(at)
+                .bind(operation_id)
+                .execute(&mut *conn)
+                .await?;
+            if *succeeded {
+                sqlx::query(
+                    "UPDATE databases SET state = ?, archive_location = ?, archive_key = ?, archive_bytes = ?,
+                        archive_sha256 = ?, updated_at = ? WHERE id = ?",
+                )
+                .bind(db_state::ARCHIVED)
+                .bind(location)
+                .bind(key)
+                .bind(bytes)
+                .bind(sha256)
+                .bind(at)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+                event(conn, &id, at, db_state::ARCHIVED, &format!("archived to {location}")).await?;
+            } else {
+                // Back to what it was: deprecated databases keep their reason.
+                sqlx::query(
+                    "UPDATE databases SET state = CASE WHEN deprecation_reason <> '' THEN ? ELSE ? END,
+                        updated_at = ? WHERE id = ?",
+                )
+                .bind(db_state::DEPRECATED)
+                .bind(db_state::ACTIVE)
+                .bind(at)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+                event(conn, &id, at, "archive failed", error).await?;
+            }
+            audit(conn, at, "controlplane", "database.archive", &id, op_final).await?;
+            Ok(Response::Done)
+        }
+        Command::Unarchive { id, cluster_id, pg_name, new_cluster, new_members, operation, at, actor } => {
+            let Some(state) = db_state_of(conn, id).await? else {
+                return Ok(Response::NotFound { message: format!("database {id} does not exist") });
+            };
+            let to = match lifecycle::transition(&state, Action::Unarchive) {
+                Ok(to) => to,
+                Err(message) => {
+                    audit(conn, at, actor, "database.unarchive", id, &format!("refused: {message}")).await?;
+                    return Ok(Response::Conflict { message });
+                }
+            };
+            let pg_taken: Option<(String,)> = sqlx::query_as(
+                "SELECT id FROM databases WHERE cluster_id = ? AND pg_name = ? AND state <> 'deleted' AND id <> ?",
+            )
+            .bind(cluster_id)
+            .bind(pg_name)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if pg_taken.is_some() {
+                return Ok(Response::Conflict {
+                    message: "placement raced with another create; retry the request".into(),
+                });
+            }
+            if let Some(c) = new_cluster {
+                if let Some(refused) = insert_cluster(conn, c, new_members).await? {
+                    return Ok(refused);
+                }
+            }
+            sqlx::query(
+                "UPDATE databases SET state = ?, cluster_id = ?, pg_name = ?, role_name = ?, updated_at = ? WHERE id = ?",
+            )
+            .bind(to)
+            .bind(cluster_id)
+            .bind(pg_name)
+            .bind(pg_name)
+            .bind(at)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+            insert_operation(conn, operation).await?;
+            event(conn, id, at, to, &format!("restoring from its archive onto {cluster_id}")).await?;
+            audit(conn, at, actor, "database.unarchive", id, "accepted").await?;
+            Ok(Response::Done)
+        }
+        Command::ArchivePurged { id, at } => {
+            sqlx::query("UPDATE databases SET archive_key = '', archive_location = '', updated_at = ? WHERE id = ?")
+                .bind(at)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            event(conn, id, at, db_state::DELETED, "archive removed after the grace period").await?;
+            audit(conn, at, "controlplane", "database.archive_purge", id, "ok").await?;
             Ok(Response::Done)
         }
         Command::UpdateOperation { id, step, attempts, error, at } => {
@@ -518,12 +589,13 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
             Ok(Response::Done)
         }
         Command::FinishProvision { operation_id, succeeded, error, at } => {
-            let op: Option<(String,)> = sqlx::query_as("SELECT database_id FROM operations WHERE id = ? AND state = ?")
-                .bind(operation_id)
-                .bind(op_state::RUNNING)
-                .fetch_optional(&mut *conn)
-                .await?;
-            let Some((database_id,)) = op else {
+            let op: Option<(String, String)> =
+                sqlx::query_as("SELECT database_id, kind FROM operations WHERE id = ? AND state = ?")
+                    .bind(operation_id)
+                    .bind(op_state::RUNNING)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let Some((database_id, kind)) = op else {
                 return Ok(Response::NotFound { message: format!("no running operation {operation_id}") });
             };
             let (op_final, db_final, step) = if *succeeded {
@@ -539,11 +611,15 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                 .bind(operation_id)
                 .execute(&mut *conn)
                 .await?;
-            sqlx::query("UPDATE databases SET state = ?, updated_at = ? WHERE id = ? AND state = ?")
+            // A database coming back from its archive that could not be loaded stays archived (the
+            // archive is intact); a new one that failed is `failed`.
+            let db_final = if !*succeeded && kind == op_kind::UNARCHIVE { db_state::ARCHIVED } else { db_final };
+            sqlx::query("UPDATE databases SET state = ?, updated_at = ? WHERE id = ? AND state IN (?, ?)")
                 .bind(db_final)
                 .bind(at)
                 .bind(&database_id)
                 .bind(db_state::PROVISIONING)
+                .bind(db_state::RESTORING)
                 .execute(&mut *conn)
                 .await?;
             event(conn, &database_id, at, db_final, if *succeeded { "provisioned" } else { error }).await?;
@@ -551,6 +627,86 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
             Ok(Response::Done)
         }
     }
+}
+
+/// Inserts a new cluster and its members unless the cluster exists; `Some(Conflict)` if a
+/// member's port was taken meanwhile.
+async fn insert_cluster(
+    conn: &mut SqliteConnection,
+    c: &super::model::Cluster,
+    new_members: &[Member],
+) -> Result<Option<Response>, sqlx::Error> {
+    let exists: Option<(String,)> =
+        sqlx::query_as("SELECT id FROM clusters WHERE id = ?").bind(&c.id).fetch_optional(&mut *conn).await?;
+    if exists.is_none() {
+        let members = if new_members.is_empty() {
+            vec![Member {
+                cluster_id: c.id.clone(),
+                host_id: c.primary_host.clone(),
+                port: c.port,
+                role: member_role::PRIMARY.into(),
+                state: c.state.clone(),
+            }]
+        } else {
+            new_members.to_vec()
+        };
+        for m in &members {
+            let taken: Option<(String,)> =
+                sqlx::query_as("SELECT cluster_id FROM cluster_members WHERE host_id = ? AND port = ?")
+                    .bind(&m.host_id)
+                    .bind(m.port)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if taken.is_some() {
+                return Ok(Some(Response::Conflict {
+                    message: "placement raced with another create; retry the request".to_string(),
+                }));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO clusters (id, pg_major, primary_host, port, epoch, state, created_at,
+                availability, replication_password)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.id)
+        .bind(c.pg_major)
+        .bind(&c.primary_host)
+        .bind(c.port)
+        .bind(c.epoch)
+        .bind(&c.state)
+        .bind(&c.created_at)
+        .bind(&c.availability)
+        .bind(&c.replication_password)
+        .execute(&mut *conn)
+        .await?;
+        for m in &members {
+            sqlx::query("INSERT INTO cluster_members (cluster_id, host_id, port, role, state) VALUES (?, ?, ?, ?, ?)")
+                .bind(&m.cluster_id)
+                .bind(&m.host_id)
+                .bind(m.port)
+                .bind(&m.role)
+                .bind(&m.state)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(None)
+}
+
+async fn db_state_of(conn: &mut SqliteConnection, id: &str) -> Result<Option<String>, sqlx::Error> {
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT state FROM databases WHERE id = ?").bind(id).fetch_optional(&mut *conn).await?;
+    Ok(row.map(|r| r.0))
+}
+
+async fn set_db_state(conn: &mut SqliteConnection, id: &str, state: &str, at: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE databases SET state = ?, updated_at = ? WHERE id = ?")
+        .bind(state)
+        .bind(at)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 async fn insert_operation(conn: &mut SqliteConnection, op: &super::model::Operation) -> Result<(), sqlx::Error> {

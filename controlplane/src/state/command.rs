@@ -109,6 +109,48 @@ pub enum Command {
         at: String,
         actor: String,
     },
+    /// The archive of a database starts (it becomes `archiving`), with its operation.
+    StartArchive {
+        id: String,
+        operation: Operation,
+        at: String,
+        actor: String,
+    },
+    /// Ends an archive operation: `archived` with where the archive is, or, if it failed, the
+    /// database is as it was before (`active` or `deprecated`).
+    FinishArchive {
+        operation_id: String,
+        succeeded: bool,
+        #[serde(default)]
+        location: String,
+        #[serde(default)]
+        key: String,
+        #[serde(default)]
+        bytes: i64,
+        #[serde(default)]
+        sha256: String,
+        #[serde(default)]
+        error: String,
+        at: String,
+    },
+    /// An archived database comes back (`restoring`) on a new placement, with the operation
+    /// that provisions it and loads its archive; it ends with `FinishProvision`.
+    Unarchive {
+        id: String,
+        cluster_id: String,
+        pg_name: String,
+        new_cluster: Option<Cluster>,
+        #[serde(default)]
+        new_members: Vec<Member>,
+        operation: Operation,
+        at: String,
+        actor: String,
+    },
+    /// A deleted database's archive was removed from the repository after its grace period.
+    ArchivePurged {
+        id: String,
+        at: String,
+    },
     /// Ends a provisioning operation: the database becomes `active` (or `failed`).
     FinishProvision {
         operation_id: String,

@@ -13,6 +13,10 @@ pub enum Action {
     Reactivate,
     Transfer,
     Delete,
+    /// Start the archive operation.
+    Archive,
+    /// Bring an archived database back.
+    Unarchive,
 }
 
 impl Action {
@@ -23,6 +27,8 @@ impl Action {
             Action::Reactivate => "database.reactivate",
             Action::Transfer => "database.transfer",
             Action::Delete => "database.delete",
+            Action::Archive => "database.archive",
+            Action::Unarchive => "database.unarchive",
         }
     }
 }
@@ -39,6 +45,9 @@ pub fn transition(from: &str, action: Action) -> Result<&'static str, String> {
         (Action::Transfer, DEPRECATED) => Ok(DEPRECATED),
         (Action::Transfer, ARCHIVED) => Ok(ARCHIVED),
         (Action::Delete, ARCHIVED) => Ok(DELETED),
+        (Action::Archive, ACTIVE | DEPRECATED) => Ok(ARCHIVING),
+        (Action::Archive, ARCHIVED) => Err("the database is archived already".into()),
+        (Action::Unarchive, ARCHIVED) => Ok(RESTORING),
         (Action::Delete, ACTIVE | DEPRECATED) => Err(format!(
             "the database is {from}: only an archived database can be deleted; archive it first \
              (POST /v1/databases/<id>/archive takes a verified final backup), then delete it"
@@ -46,6 +55,9 @@ pub fn transition(from: &str, action: Action) -> Result<&'static str, String> {
         (_, PROVISIONING) => Err("the database is still being provisioned; wait until it is active".into()),
         (_, FAILED) => Err("the database failed to provision; see its operation's error".into()),
         (_, DELETED) => Err("the database was deleted".into()),
+        (Action::Unarchive, ACTIVE | DEPRECATED) => {
+            Err("the database is live; a restore of it makes a point-in-time copy instead".into())
+        }
         (_, ARCHIVED) => Err(format!(
             "the database is archived: restore it first (POST /v1/databases/<id>/restore) to {}",
             match action {
@@ -77,5 +89,9 @@ mod tests {
         assert!(transition(ARCHIVED, Action::Deprecate).unwrap_err().contains("restore it first"));
         assert!(transition(DELETED, Action::Transfer).unwrap_err().contains("deleted"));
         assert!(transition(FAILED, Action::Delete).is_err());
+        assert_eq!(transition(DEPRECATED, Action::Archive), Ok(ARCHIVING));
+        assert_eq!(transition(ARCHIVED, Action::Unarchive), Ok(RESTORING));
+        assert!(transition(ARCHIVING, Action::Delete).unwrap_err().contains("wait until its operation ends"));
+        assert!(transition(ARCHIVED, Action::Archive).unwrap_err().contains("archived already"));
     }
 }

@@ -9,8 +9,12 @@ pub mod db_state {
     pub const ACTIVE: &str = "active";
     /// Still fully usable, with a reason and a sunset date; may be reactivated.
     pub const DEPRECATED: &str = "deprecated";
+    /// Its archive operation runs: sessions ended, final dump being stored and verified.
+    pub const ARCHIVING: &str = "archiving";
     /// A verified final backup exists; the live data is gone.
     pub const ARCHIVED: &str = "archived";
+    /// Being brought back from its archive.
+    pub const RESTORING: &str = "restoring";
     /// Deleted by its owner after archival; the record stays for audit.
     pub const DELETED: &str = "deleted";
     pub const FAILED: &str = "failed";
@@ -137,6 +141,10 @@ pub struct Database {
     pub archive_bytes: i64,
     #[serde(default)]
     pub deleted_at: String,
+    #[serde(default)]
+    pub archive_key: String,
+    #[serde(default)]
+    pub archive_sha256: String,
 }
 
 /// A durable multi-step job (provision, later failover, move, ...), resumed by whichever node leads.
@@ -185,6 +193,10 @@ pub mod op_kind {
     pub const BACKUP: &str = "backup";
     /// Provisioning of a database that is then filled from another one's backups.
     pub const RESTORE: &str = "restore";
+    /// Final verified dump of a database, then its live data dropped.
+    pub const ARCHIVE: &str = "archive";
+    /// Provisioning of an archived database again, filled from its archive.
+    pub const UNARCHIVE: &str = "unarchive";
 }
 
 /// Where a database created as a point-in-time copy takes its data from.

@@ -45,15 +45,12 @@ pub async fn running_operations(pool: &SqlitePool) -> Result<Vec<Operation>, sql
     sqlx::query_as("SELECT * FROM operations WHERE state = 'running' ORDER BY created_at").fetch_all(pool).await
 }
 
-/// The operation that provisions a database (its latest one).
+/// The latest operation of a database (provision, restore, archive, ...).
 pub async fn provision_operation_of(pool: &SqlitePool, database_id: &str) -> Result<Option<Operation>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT * FROM operations WHERE database_id = ? AND kind IN ('provision', 'restore')
-         ORDER BY created_at DESC LIMIT 1",
-    )
-    .bind(database_id)
-    .fetch_optional(pool)
-    .await
+    sqlx::query_as("SELECT * FROM operations WHERE database_id = ? ORDER BY created_at DESC, id LIMIT 1")
+        .bind(database_id)
+        .fetch_optional(pool)
+        .await
 }
 
 pub async fn hosts(pool: &SqlitePool) -> Result<Vec<Host>, sqlx::Error> {
@@ -171,6 +168,15 @@ pub async fn audit(pool: &SqlitePool, target: Option<&str>, limit: i64) -> Resul
     sqlx::query_as("SELECT * FROM audit WHERE (?1 IS NULL OR target = ?1) ORDER BY seq DESC LIMIT ?2")
         .bind(target)
         .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+/// Deleted databases whose archive is still in the repository, deleted before `before`
+/// (RFC 3339).
+pub async fn archives_to_purge(pool: &SqlitePool, before: &str) -> Result<Vec<Database>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM databases WHERE state = 'deleted' AND archive_key <> '' AND deleted_at < ?")
+        .bind(before)
         .fetch_all(pool)
         .await
 }
