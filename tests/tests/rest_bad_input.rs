@@ -136,7 +136,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() -> Result<()> {
     ensure!(s == 404, "copy of a missing database: {s} {v}");
     // (The simulated host never runs PostgreSQL, so the database stays provisioning.)
     let (s, v) = rest.post(&restore, &shop, &json!({})).await?;
-    ensure!(s == 409 && message(&v).contains("only an active database"), "copy of a new database: {s} {v}");
+    ensure!(s == 409 && message(&v).contains("only a live database"), "copy of a new database: {s} {v}");
 
     // Nothing half-created: exactly the three accepted databases exist.
     let (s, v) = rest.get(&dbs, &admin).await?;
