@@ -15,7 +15,7 @@ use super::validate::{self, NewDatabase, RestoreRequest, ValidDatabase};
 use super::AppState;
 use crate::reconcile::placement::{self, Candidate, HaCluster, HaPlacement, Placement};
 use crate::state::model::{
-    cluster_state, db_state, host_state, member_role, op_kind, op_state, Cluster, Database, Host, Member, Operation,
+    cluster_state, db_state, host_state, member_role, op_kind, Cluster, Database, Host, Member, Operation,
     RestoreSource,
 };
 use crate::state::{query, Command, Response};
@@ -52,6 +52,18 @@ pub async fn connection(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx:
         conn["read_only_uri"] = json!(format!("{base}?target_session_attrs=prefer-standby&connect_timeout=2"));
     }
     Ok(conn)
+}
+
+/// The database `id` as `who` may see it: another team's is reported as not found. Makes the
+/// read linearizable first.
+pub async fn visible(state: &AppState, who: &Caller, id: &str) -> Result<Database, ApiError> {
+    state.node.linearizable_read().await?;
+    let not_found = || ApiError::NotFound(format!("database {id} does not exist"));
+    let db = query::database(state.node.store.pool(), id).await?.ok_or_else(not_found)?;
+    match who {
+        Caller::Team(t) if &db.owner != t => Err(not_found()),
+        _ => Ok(db),
+    }
 }
 
 /// JSON view of a database; `connection` only once it is usable.
@@ -303,17 +315,7 @@ async fn submit(
         archive_key: String::new(),
         archive_sha256: String::new(),
     };
-    let operation = Operation {
-        id: uuid::Uuid::new_v4().to_string(),
-        kind: new.kind.into(),
-        database_id: id.clone(),
-        state: op_state::RUNNING.into(),
-        step: "queued".into(),
-        attempts: 0,
-        error: String::new(),
-        created_at: at.clone(),
-        updated_at: at.clone(),
-    };
+    let operation = Operation::start(new.kind, &id, &at);
     let restore_of = new.restore_of.map(|r| RestoreSource { database_id: id, created_at: at, ..r });
     let cmd = Command::CreateDatabase {
         database,
@@ -369,15 +371,8 @@ pub async fn restore(
     let who = caller(&state, &headers).await?;
     let Json(req) = body?;
     let idempotency_key = idempotency_key(&headers)?;
-    state.node.linearizable_read().await?;
+    let source = visible(&state, &who, &id).await?;
     let pool = state.node.store.pool();
-    let not_found = || ApiError::NotFound(format!("database {id} does not exist"));
-    let source = query::database(pool, &id).await?.ok_or_else(not_found)?;
-    if let Caller::Team(t) = &who {
-        if &source.owner != t {
-            return Err(not_found());
-        }
-    }
     if source.state == db_state::ARCHIVED {
         if req.target_time.is_some() || req.name.is_some() {
             return Err(ApiError::Unprocessable(
@@ -426,17 +421,7 @@ async fn unarchive(state: &AppState, who: &Caller, db: Database) -> Result<HttpR
     let planned = plan_placement(pool, &db.availability).await?;
     let pg_name = placement::pg_name(&db.name, &db.id, &planned.taken_pg_names);
     let at = crate::now();
-    let operation = Operation {
-        id: uuid::Uuid::new_v4().to_string(),
-        kind: op_kind::UNARCHIVE.into(),
-        database_id: db.id.clone(),
-        state: op_state::RUNNING.into(),
-        step: "queued".into(),
-        attempts: 0,
-        error: String::new(),
-        created_at: at.clone(),
-        updated_at: at.clone(),
-    };
+    let operation = Operation::start(op_kind::UNARCHIVE, &db.id, &at);
     let cmd = Command::Unarchive {
         id: db.id.clone(),
         cluster_id: planned.cluster_id,
@@ -465,27 +450,11 @@ pub async fn archive(
     Path(id): Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let who = caller(&state, &headers).await?;
-    state.node.linearizable_read().await?;
+    visible(&state, &who, &id).await?;
     let pool = state.node.store.pool();
     let not_found = || ApiError::NotFound(format!("database {id} does not exist"));
-    let db = query::database(pool, &id).await?.ok_or_else(not_found)?;
-    if let Caller::Team(t) = &who {
-        if &db.owner != t {
-            return Err(not_found());
-        }
-    }
     let at = crate::now();
-    let operation = Operation {
-        id: uuid::Uuid::new_v4().to_string(),
-        kind: op_kind::ARCHIVE.into(),
-        database_id: id.clone(),
-        state: op_state::RUNNING.into(),
-        step: "queued".into(),
-        attempts: 0,
-        error: String::new(),
-        created_at: at.clone(),
-        updated_at: at.clone(),
-    };
+    let operation = Operation::start(op_kind::ARCHIVE, &id, &at);
     match state.node.write(Command::StartArchive { id: id.clone(), operation, at, actor: actor_of(&who) }).await? {
         Response::Done => {}
         Response::Conflict { message } => return Err(ApiError::Conflict(message)),
@@ -517,14 +486,6 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let who = caller(&state, &headers).await?;
-    state.node.linearizable_read().await?;
-    let pool = state.node.store.pool();
-    let not_found = || ApiError::NotFound(format!("database {id} does not exist"));
-    let db = query::database(pool, &id).await?.ok_or_else(not_found)?;
-    if let Caller::Team(t) = &who {
-        if &db.owner != t {
-            return Err(not_found());
-        }
-    }
-    Ok(Json(view(pool, &db).await?))
+    let db = visible(&state, &who, &id).await?;
+    Ok(Json(view(state.node.store.pool(), &db).await?))
 }

@@ -28,15 +28,9 @@ async fn change(
     sunset_at: String,
     new_owner: String,
 ) -> Result<Json<Value>, ApiError> {
-    state.node.linearizable_read().await?;
+    super::databases::visible(state, who, id).await?;
     let pool = state.node.store.pool();
     let not_found = || ApiError::NotFound(format!("database {id} does not exist"));
-    let db = query::database(pool, id).await?.ok_or_else(not_found)?;
-    if let Caller::Team(t) = who {
-        if &db.owner != t {
-            return Err(not_found());
-        }
-    }
     let actor = match who {
         Caller::Admin => "admin".to_string(),
         Caller::Team(t) => format!("team:{t}"),

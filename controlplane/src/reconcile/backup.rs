@@ -149,17 +149,7 @@ pub async fn start(
         created_at: at.clone(),
         finished_at: String::new(),
     };
-    let operation = Operation {
-        id: id.clone(),
-        kind: op_kind::BACKUP.into(),
-        database_id: String::new(),
-        state: op_state::RUNNING.into(),
-        step: "queued".into(),
-        attempts: 0,
-        error: String::new(),
-        created_at: at.clone(),
-        updated_at: at,
-    };
+    let operation = Operation { id: id.clone(), ..Operation::start(op_kind::BACKUP, "", &at) };
     match ctx.node.write(Command::StartBackup { backup, operation }).await.map_err(|e| e.to_string())? {
         Response::Done => Ok(id),
         Response::Conflict { message } | Response::NotFound { message } => Err(message),

@@ -187,6 +187,23 @@ pub struct Backup {
     pub finished_at: String,
 }
 
+impl Operation {
+    /// A new running operation of `kind` on `database_id` ("" for cluster operations).
+    pub fn start(kind: &str, database_id: &str, at: &str) -> Self {
+        Operation {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind: kind.into(),
+            database_id: database_id.into(),
+            state: op_state::RUNNING.into(),
+            step: "queued".into(),
+            attempts: 0,
+            error: String::new(),
+            created_at: at.into(),
+            updated_at: at.into(),
+        }
+    }
+}
+
 /// Operation kinds.
 pub mod op_kind {
     pub const PROVISION: &str = "provision";
