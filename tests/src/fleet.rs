@@ -15,7 +15,7 @@ use steward_proto::v1::{ClusterInfo, ListClustersRequest};
 
 use crate::netns::{Host, Lab};
 use crate::sim::{op_req, operator};
-use crate::{admin_token, bin, wait_for, wait_leader, Node, Proc, Rest, Scratch};
+use crate::{admin_token, wait_for, wait_leader, Node, Proc, Rest, Scratch};
 
 /// The fleet; dropping it kills everything and removes the namespaces.
 pub struct Fleet {
@@ -118,12 +118,7 @@ impl Fleet {
             );
             fleet.mounts.push(dir);
         }
-        // The agents run a copy of their binary inside the scratch directory: PostgreSQL's user
-        // runs it as archive_command and must be able to reach it wherever the checkout lives.
-        let agent_copy = fleet.scratch.path().join("steward-agent");
-        if std::fs::hard_link(bin("steward-agent"), &agent_copy).is_err() {
-            std::fs::copy(bin("steward-agent"), &agent_copy).context("copying steward-agent into the scratch dir")?;
-        }
+        crate::agent_copy(fleet.scratch.path())?;
         for i in 0..fleet.hosts.len() {
             let p = fleet.spawn_agent(i)?;
             fleet.agents.push(Some(p));

@@ -313,6 +313,17 @@ pub async fn wait_leader(rest: &Rest, nodes: &[&Node], timeout: Duration) -> Res
     .await
 }
 
+/// `steward-agent` linked (or copied) into `dir`: agents with a repository run from there,
+/// because PostgreSQL's user runs the binary as archive_command and must reach it wherever the
+/// checkout lives.
+pub fn agent_copy(dir: &Path) -> Result<PathBuf> {
+    let copy = dir.join("steward-agent");
+    if std::fs::hard_link(bin("steward-agent"), &copy).is_err() {
+        std::fs::copy(bin("steward-agent"), &copy).context("copying steward-agent into the scratch dir")?;
+    }
+    Ok(copy)
+}
+
 /// A one-host stack on loopback: a single control-plane node and one real agent (PostgreSQL on a
 /// free port), its files under `root`. Dropping it stops both; the `Scratch` holding `root`
 /// stops PostgreSQL.
@@ -381,11 +392,7 @@ impl OneHost {
             std::fs::create_dir_all(&repo)?;
             let out = std::process::Command::new("chown").args(["postgres:postgres"]).arg(&repo).output()?;
             anyhow::ensure!(out.status.success(), "chown {}: {}", repo.display(), String::from_utf8_lossy(&out.stderr));
-            let copy = root.join("steward-agent");
-            if std::fs::hard_link(&exe, &copy).is_err() {
-                std::fs::copy(&exe, &copy).context("copying steward-agent")?;
-            }
-            exe = copy;
+            exe = agent_copy(root)?;
             args.extend(["--repo".to_string(), repo.display().to_string()]);
         }
         let agent = Proc::spawn("agent", &exe, &args, &root.join("agent.log"))?;

@@ -38,17 +38,7 @@ pub async fn run(ctx: &Ctx, op: Operation) {
                 attempts += 1;
                 tracing::warn!(op = %op.id, attempts, %error, "archive attempt failed");
                 if attempts < MAX_ATTEMPTS {
-                    let cmd = Command::UpdateOperation {
-                        id: op.id.clone(),
-                        step: "retrying".into(),
-                        attempts,
-                        error,
-                        at: crate::now(),
-                    };
-                    if let Err(e) = ctx.node.write(cmd).await {
-                        tracing::warn!(op = %op.id, error = %e, "recording archive progress failed");
-                    }
-                    tokio::time::sleep(Duration::from_secs(2u64 << attempts.min(5))).await;
+                    super::retry_later(ctx, &op.id, "archive", attempts, error).await;
                     continue;
                 }
                 // Give up: the database must be usable as before (its role got NOLOGIN).

@@ -198,18 +198,8 @@ pub async fn run(ctx: &Ctx, op: Operation) {
                 ctx.metrics.agent_calls_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(op = %op.id, attempts, %error, "backup attempt failed");
                 if attempts < MAX_ATTEMPTS {
-                    let cmd = Command::UpdateOperation {
-                        id: op.id.clone(),
-                        step: "retrying".into(),
-                        attempts,
-                        error,
-                        at: crate::now(),
-                    };
-                    if let Err(e) = ctx.node.write(cmd).await {
-                        tracing::warn!(op = %op.id, error = %e, "recording backup progress failed");
-                    }
                     host_hint = None; // another member may do better
-                    tokio::time::sleep(Duration::from_secs(2u64 << attempts.min(5))).await;
+                    super::retry_later(ctx, &op.id, "backup", attempts, error).await;
                     continue;
                 }
                 Command::FinishBackup {

@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::raft::node::RaftNode;
 use crate::state::model::op_kind;
 use crate::state::query;
+use crate::state::Command;
 use liveness::Liveness;
 
 /// What every reconciler needs.
@@ -105,6 +106,17 @@ impl Ctx {
         *last = Some(Instant::now());
         true
     }
+}
+
+/// Records that an operation's attempt failed and will be retried, then waits before the next
+/// attempt (2, 4, ... up to 64 s).
+async fn retry_later(ctx: &Ctx, op_id: &str, what: &str, attempts: i64, error: String) {
+    let cmd =
+        Command::UpdateOperation { id: op_id.to_string(), step: "retrying".into(), attempts, error, at: crate::now() };
+    if let Err(e) = ctx.node.write(cmd).await {
+        tracing::warn!(op = %op_id, error = %e, "recording {what} progress failed");
+    }
+    tokio::time::sleep(Duration::from_secs(2u64 << attempts.min(5))).await;
 }
 
 /// Runs the reconcilers forever; they act only while this node leads.

@@ -116,21 +116,9 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                     message: format!("team '{}' already has a database named '{}'", db.owner, db.name),
                 });
             }
-            let pg_taken: Option<(String,)> =
-                sqlx::query_as("SELECT id FROM databases WHERE cluster_id = ? AND pg_name = ? AND state <> 'deleted'")
-                    .bind(&db.cluster_id)
-                    .bind(&db.pg_name)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            if pg_taken.is_some() {
-                return Ok(Response::Conflict {
-                    message: "placement raced with another create; retry the request".to_string(),
-                });
-            }
-            if let Some(c) = new_cluster {
-                if let Some(refused) = insert_cluster(conn, c, new_members).await? {
-                    return Ok(refused);
-                }
+            let placed = Placing { cluster_id: &db.cluster_id, pg_name: &db.pg_name, database_id: &db.id };
+            if let Some(refused) = claim_placement(conn, placed, new_cluster.as_ref(), new_members).await? {
+                return Ok(refused);
             }
             sqlx::query(
                 "INSERT INTO databases (id, name, owner, purpose, plan, availability, backup_retention_days, state,
@@ -442,23 +430,9 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                     return Ok(Response::Conflict { message });
                 }
             };
-            let pg_taken: Option<(String,)> = sqlx::query_as(
-                "SELECT id FROM databases WHERE cluster_id = ? AND pg_name = ? AND state <> 'deleted' AND id <> ?",
-            )
-            .bind(cluster_id)
-            .bind(pg_name)
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if pg_taken.is_some() {
-                return Ok(Response::Conflict {
-                    message: "placement raced with another create; retry the request".into(),
-                });
-            }
-            if let Some(c) = new_cluster {
-                if let Some(refused) = insert_cluster(conn, c, new_members).await? {
-                    return Ok(refused);
-                }
+            let placed = Placing { cluster_id, pg_name, database_id: id };
+            if let Some(refused) = claim_placement(conn, placed, new_cluster.as_ref(), new_members).await? {
+                return Ok(refused);
             }
             sqlx::query(
                 "UPDATE databases SET state = ?, cluster_id = ?, pg_name = ?, role_name = ?, updated_at = ? WHERE id = ?",
@@ -626,6 +600,40 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
             audit(conn, at, "controlplane", "database.provision", &database_id, op_final).await?;
             Ok(Response::Done)
         }
+    }
+}
+
+/// Where a database is being placed.
+struct Placing<'a> {
+    cluster_id: &'a str,
+    pg_name: &'a str,
+    database_id: &'a str,
+}
+
+/// Checks that the database's PostgreSQL name is free in its cluster and creates the cluster
+/// if it is new; `Some(Conflict)` if a concurrent placement took either.
+async fn claim_placement(
+    conn: &mut SqliteConnection,
+    p: Placing<'_>,
+    new_cluster: Option<&super::model::Cluster>,
+    new_members: &[Member],
+) -> Result<Option<Response>, sqlx::Error> {
+    let pg_taken: Option<(String,)> = sqlx::query_as(
+        "SELECT id FROM databases WHERE cluster_id = ? AND pg_name = ? AND state <> 'deleted' AND id <> ?",
+    )
+    .bind(p.cluster_id)
+    .bind(p.pg_name)
+    .bind(p.database_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if pg_taken.is_some() {
+        return Ok(Some(Response::Conflict {
+            message: "placement raced with another create; retry the request".to_string(),
+        }));
+    }
+    match new_cluster {
+        Some(c) => insert_cluster(conn, c, new_members).await,
+        None => Ok(None),
     }
 }
 
