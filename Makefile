@@ -29,7 +29,7 @@ lint:
 test: deps fmt lint
 	$(CARGO) build --workspace --bins
 	@set -o pipefail; mkdir -p target; \
-	$(CARGO) test --workspace --all-targets -- --test-threads=2 2>&1 | tee target/test-output.log; status=$$?; \
+	$(CARGO) test --workspace --all-targets --no-fail-fast -- --test-threads=2 2>&1 | tee target/test-output.log; status=$$?; \
 	awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($$(i+1) ~ /^passed/) p += $$i; if ($$(i+1) ~ /^failed/) f += $$i } } \
 	     END { printf "tests: %d passed, %d failed\n", p, f }' target/test-output.log; \
 	exit $$status

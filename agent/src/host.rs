@@ -80,6 +80,8 @@ pub struct Host {
     /// Archives of databases and loads of archives, likewise.
     pub archives: crate::jobs::JobTable<steward_proto::v1::ArchiveDatabaseReply>,
     pub loads: crate::jobs::JobTable<steward_proto::v1::LoadArchiveReply>,
+    /// Steps of database moves, one at a time per move.
+    pub moves: crate::jobs::KeyedLocks,
 }
 
 /// Slot name of a member on its primary.
@@ -112,6 +114,7 @@ impl Host {
             restores: Default::default(),
             archives: Default::default(),
             loads: Default::default(),
+            moves: Default::default(),
         }
     }
 

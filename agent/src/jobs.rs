@@ -82,6 +82,26 @@ impl<T: Clone + Send + Sync + 'static> JobTable<T> {
     }
 }
 
+/// One lock per key (a move's operation id): steps of the same operation run one at a time, so
+/// a retried call waits for the first and then finds its work done; other keys do not wait.
+#[derive(Default)]
+pub struct KeyedLocks {
+    locks: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    /// Holds `key`'s lock until the guard drops.
+    pub async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget locks nobody holds or waits for, so the map stays small.
+            locks.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
+            locks.entry(key.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

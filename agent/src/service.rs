@@ -8,7 +8,8 @@ use steward_proto::v1::agent_server::Agent;
 use steward_proto::v1::{
     AgentStatusReply, AgentStatusRequest, ArchiveDatabaseReply, ArchiveDatabaseRequest, BackupReply, BackupRequest,
     DeleteArchiveReply, DeleteArchiveRequest, EnsureDatabaseReply, EnsureDatabaseRequest, EnsureInstanceReply,
-    EnsureInstanceRequest, FenceReply, FenceRequest, LoadArchiveReply, LoadArchiveRequest, PeerLeaseReply,
+    EnsureInstanceRequest, FenceReply, FenceRequest, LoadArchiveReply, LoadArchiveRequest, MoveSourceReply,
+    MoveSourceRequest, MoveSourceStep, MoveTargetReply, MoveTargetRequest, MoveTargetStep, PeerLeaseReply,
     PeerLeaseRequest, PromoteReply, PromoteRequest, RestoreDatabaseReply, RestoreDatabaseRequest, SwitchWalReply,
     SwitchWalRequest,
 };
@@ -32,6 +33,13 @@ fn valid_operation_id(id: &str) -> Result<(), Status> {
         return Err(Status::invalid_argument("operation and database ids must be 1-64 letters, digits or '-'"));
     }
     Ok(())
+}
+
+fn move_status(e: crate::tasks::moves::MoveError) -> Status {
+    match e {
+        crate::tasks::moves::MoveError::Refused(m) => Status::aborted(m),
+        crate::tasks::moves::MoveError::Failed(m) => Status::internal(m),
+    }
 }
 
 fn refusal(e: Refusal) -> Status {
@@ -86,6 +94,30 @@ impl AgentService {
             .as_ref()
             .map(|a| a.repo.clone())
             .ok_or_else(|| Status::failed_precondition("this agent has no backup repository: start it with --repo"))
+    }
+
+    /// One side of a move on this host's serving primary, after checking the request's names.
+    async fn move_side(
+        &self,
+        cluster_id: &str,
+        epoch: u64,
+        operation_id: &str,
+        database: &str,
+        role: &str,
+    ) -> Result<crate::tasks::moves::MoveSide, Status> {
+        valid_cluster_id(cluster_id)?;
+        valid_operation_id(operation_id)?;
+        for (what, name) in [("database", database), ("role", role)] {
+            crate::pg::sql::validate_identifier(what, name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let inst = self.serving_primary(cluster_id, epoch).await?;
+        Ok(crate::tasks::moves::MoveSide {
+            inst,
+            operation_id: operation_id.to_string(),
+            database: database.to_string(),
+            role: role.to_string(),
+            work_dir: crate::tasks::moves::work_dir(&self.host.cfg.data_path, operation_id),
+        })
     }
 
     /// This host's running primary of the cluster at `epoch` (refusing older epochs).
@@ -324,6 +356,68 @@ impl Agent for AgentService {
         let repo = self.repo()?;
         let removed = crate::tasks::delete_archive(&repo, &r.key).await.map_err(Status::unavailable)?;
         Ok(Response::new(DeleteArchiveReply { removed }))
+    }
+
+    async fn move_source(&self, req: Request<MoveSourceRequest>) -> Result<Response<MoveSourceReply>, Status> {
+        use crate::tasks::moves;
+        let r = req.into_inner();
+        let step = MoveSourceStep::try_from(r.step).map_err(|_| Status::invalid_argument("unknown move step"))?;
+        let side = self.move_side(&r.cluster_id, r.epoch, &r.operation_id, &r.database, &r.role).await?;
+        let _one_at_a_time = self.host.moves.lock(&r.operation_id).await;
+        tracing::debug!(op = %r.operation_id, database = %r.database, ?step, "move source step");
+        let reply = match step {
+            MoveSourceStep::MoveSourceCheck => {
+                moves::source_problems(&side).await.map(|problems| MoveSourceReply { problems, ..Default::default() })
+            }
+            MoveSourceStep::MoveSourcePrepare => {
+                moves::source_prepare(&side, &r.move_password_scram, r.keep_owner, r.reset_slot).await
+            }
+            MoveSourceStep::MoveSourceStatus => moves::source_status(&side).await,
+            MoveSourceStep::MoveSourceBlock => moves::source_block(&side).await,
+            MoveSourceStep::MoveSourceUnblock => moves::source_unblock(&side).await,
+            MoveSourceStep::MoveSourceDrop => moves::source_drop(&side).await,
+        };
+        reply.map(Response::new).map_err(move_status)
+    }
+
+    async fn move_target(&self, req: Request<MoveTargetRequest>) -> Result<Response<MoveTargetReply>, Status> {
+        use crate::tasks::moves;
+        let r = req.into_inner();
+        let step = MoveTargetStep::try_from(r.step).map_err(|_| Status::invalid_argument("unknown move step"))?;
+        let side = self.move_side(&r.cluster_id, r.epoch, &r.operation_id, &r.database, &r.role).await?;
+        let _one_at_a_time = self.host.moves.lock(&r.operation_id).await;
+        tracing::debug!(op = %r.operation_id, database = %r.database, ?step, "move target step");
+        let reply = match step {
+            MoveTargetStep::MoveTargetPrepare => {
+                crate::pg::sql::validate_identifier("source_database", &r.source_database)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let source_port = u16::try_from(r.source_port)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| Status::invalid_argument("source_port must be 1-65535"))?;
+                if r.source_host.is_empty() || r.move_password.is_empty() {
+                    return Err(Status::invalid_argument("source_host and move_password are required"));
+                }
+                let plan = moves::TargetPlan {
+                    password_scram: &r.password_scram,
+                    schema_sql: &r.schema_sql,
+                    roles: &r.roles,
+                    keep_owner: r.keep_owner,
+                    source_host: &r.source_host,
+                    source_port,
+                    source_database: &r.source_database,
+                    move_password: &r.move_password,
+                    source_slot_exists: r.source_slot_exists,
+                };
+                moves::target_prepare(&side, &plan).await
+            }
+            MoveTargetStep::MoveTargetStatus => moves::target_status(&side).await,
+            MoveTargetStep::MoveTargetFinish => {
+                moves::target_finish(&side, &r.password_scram, &r.sequences, &r.schema_fingerprint).await
+            }
+            MoveTargetStep::MoveTargetAbort => moves::target_abort(&side).await,
+        };
+        reply.map(Response::new).map_err(move_status)
     }
 
     async fn status(&self, _req: Request<AgentStatusRequest>) -> Result<Response<AgentStatusReply>, Status> {

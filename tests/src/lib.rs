@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod netns;
 pub mod s3;
 pub mod sim;
+pub mod writer;
 
 /// Path of a workspace binary (built by `cargo build` before the tests run; `make test` does).
 pub fn bin(name: &str) -> PathBuf {
@@ -324,93 +325,153 @@ pub fn agent_copy(dir: &Path) -> Result<PathBuf> {
     Ok(copy)
 }
 
-/// A one-host stack on loopback: a single control-plane node and one real agent (PostgreSQL on a
-/// free port), its files under `root`. Dropping it stops both; the `Scratch` holding `root`
-/// stops PostgreSQL.
-pub struct OneHost {
-    pub node: Node,
-    pub agent: Proc,
+/// One agent of a [`Stack`]: its process and where its PostgreSQL lives.
+pub struct Agent {
+    pub proc: Proc,
+    /// `--data-path`; PostgreSQL's unix sockets are in `<data_path>/run`.
+    pub data_path: PathBuf,
+    pub pg_port: u16,
+}
+
+impl Agent {
+    /// A superuser connection over the agent's private unix socket to `database` of the instance
+    /// on `port` (for checks a product team could not make).
+    pub async fn superuser(&self, port: u16, database: &str) -> Result<tokio_postgres::Client> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host_path(self.data_path.join("run")).port(port).user("postgres").dbname(database);
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.context("superuser connection")?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+}
+
+/// A stack on loopback: control-plane nodes and real agents (PostgreSQL on free ports, one zone
+/// each), files under `root`. Dropping it stops them all; the `Scratch` holding `root` stops
+/// PostgreSQL.
+pub struct Stack {
+    pub nodes: Vec<Node>,
+    pub agents: Vec<Agent>,
     pub admin: String,
     pub token_file: PathBuf,
     pub rest: Rest,
 }
 
-impl OneHost {
-    /// Starts the node and the agent and waits for the node to lead.
+/// The usual single-node, single-agent stack.
+pub type OneHost = Stack;
+
+impl Stack {
+    /// One node and one agent; waits for the node to lead.
     pub async fn start(root: &Path) -> Result<Self> {
-        Self::start_with(root, &[], &[]).await
+        Self::launch(root, 1, 1, &[], &[], false).await
     }
 
-    /// Like [`OneHost::start`], with flags added to the node and to the agent. With
-    /// `with_repo`, the agent archives into `<root>/repo` (created, owned by PostgreSQL's user)
-    /// and runs from a copy of its binary inside `root`, which PostgreSQL's user can execute as
-    /// archive_command wherever the checkout lives.
+    /// Like [`Stack::start`], with flags added to the node and to the agent.
     pub async fn start_with(root: &Path, node_args: &[&str], agent_args: &[&str]) -> Result<Self> {
-        Self::launch(root, node_args, agent_args, false).await
+        Self::launch(root, 1, 1, node_args, agent_args, false).await
     }
 
-    /// [`OneHost::start_with`] with the agent archiving into `<root>/repo`.
+    /// [`Stack::start_with`] with the agent archiving into `<root>/repo` (created, owned by
+    /// PostgreSQL's user); agents then run from a copy of their binary inside `root`, which
+    /// PostgreSQL's user can execute as archive_command wherever the checkout lives.
     pub async fn start_with_repo(root: &Path, node_args: &[&str]) -> Result<Self> {
-        Self::launch(root, node_args, &[], true).await
+        Self::launch(root, 1, 1, node_args, &[], true).await
     }
 
-    async fn launch(root: &Path, node_args: &[&str], agent_args: &[&str], with_repo: bool) -> Result<Self> {
+    /// `cp` control-plane nodes and `agents` agents (zones a, b, ...).
+    pub async fn launch(
+        root: &Path,
+        cp: u64,
+        agents: usize,
+        node_args: &[&str],
+        agent_args: &[&str],
+        with_repo: bool,
+    ) -> Result<Self> {
         let (token_file, admin) = admin_token(root)?;
-        let mut node = Node::new(root, 1, &token_file, node_args);
-        let m = node.member();
-        node.args.extend(["--initial-member".to_string(), m]);
-        node.start()?;
+        let mut nodes: Vec<Node> = (1..=cp).map(|id| Node::new(root, id, &token_file, node_args)).collect();
+        let members: Vec<String> = nodes.iter().map(Node::member).collect();
+        for node in nodes.iter_mut() {
+            for m in &members {
+                node.args.extend(["--initial-member".to_string(), m.clone()]);
+            }
+            node.start()?;
+        }
         let rest = Rest::default();
-        wait_leader(&rest, &[&node], Duration::from_secs(30)).await?;
-        let agent_addr = format!("127.0.0.1:{}", free_port());
-        let pg_port = free_port().to_string();
-        let data_path = root.join("host-a").display().to_string();
-        let mut args: Vec<String> = [
-            "run",
-            "--control-plane",
-            &node.grpc,
-            "--listen",
-            &agent_addr,
-            "--data-path",
-            &data_path,
-            "--pg-listen",
-            "127.0.0.1",
-            "--pg-port",
-            &pg_port,
-            "--memory-budget-mb",
-            "256",
-            "--zone",
-            "a",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(agent_args.iter().map(|s| s.to_string()));
+        wait_leader(&rest, &nodes.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await?;
+        let control_planes: Vec<String> = nodes.iter().map(|n| n.grpc.clone()).collect();
         let mut exe = bin("steward-agent");
+        let mut repo_args = Vec::new();
         if with_repo {
             let repo = root.join("repo");
             std::fs::create_dir_all(&repo)?;
             let out = std::process::Command::new("chown").args(["postgres:postgres"]).arg(&repo).output()?;
             anyhow::ensure!(out.status.success(), "chown {}: {}", repo.display(), String::from_utf8_lossy(&out.stderr));
             exe = agent_copy(root)?;
-            args.extend(["--repo".to_string(), repo.display().to_string()]);
+            repo_args = vec!["--repo".to_string(), repo.display().to_string()];
         }
-        let agent = Proc::spawn("agent", &exe, &args, &root.join("agent.log"))?;
-        Ok(OneHost { node, agent, admin, token_file, rest })
+        let mut started = Vec::new();
+        for i in 0..agents {
+            let letter = char::from(b'a' + (i % 26) as u8);
+            let agent_addr = format!("127.0.0.1:{}", free_port());
+            let pg_port = free_port();
+            let data_path = root.join(format!("host-{letter}"));
+            let mut args: Vec<String> = vec!["run".into()];
+            for cp in &control_planes {
+                args.extend(["--control-plane".to_string(), cp.clone()]);
+            }
+            args.extend(
+                [
+                    "--listen",
+                    &agent_addr,
+                    "--data-path",
+                    &data_path.display().to_string(),
+                    "--pg-listen",
+                    "127.0.0.1",
+                    "--pg-port",
+                    &pg_port.to_string(),
+                    "--memory-budget-mb",
+                    "256",
+                    "--zone",
+                    &letter.to_string(),
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
+            args.extend(agent_args.iter().map(|s| s.to_string()));
+            args.extend(repo_args.iter().cloned());
+            let name = if agents == 1 { "agent".to_string() } else { format!("agent-{letter}") };
+            let proc = Proc::spawn(&name, &exe, &args, &root.join(format!("{name}.log")))?;
+            started.push(Agent { proc, data_path, pg_port });
+        }
+        Ok(Stack { nodes, agents: started, admin, token_file, rest })
+    }
+
+    /// The first node (the one a single-node stack has).
+    pub fn node(&self) -> &Node {
+        &self.nodes[0]
+    }
+
+    /// A node that runs (for stacks whose nodes are killed): REST and gRPC calls go there.
+    pub fn live_node(&self) -> &Node {
+        self.nodes.iter().find(|n| n.proc.is_some()).unwrap_or(&self.nodes[0])
+    }
+
+    /// `path` on every node (for clients that try the next node when one is down).
+    pub fn urls(&self, path: &str) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url(path)).collect()
     }
 
     /// Creates a team; returns its token.
     pub async fn team(&self, name: &str) -> Result<String> {
-        let (s, v) =
-            self.rest.post(&self.node.url("/v1/teams"), &self.admin, &serde_json::json!({"name": name})).await?;
+        let url = self.live_node().url("/v1/teams");
+        let (s, v) = self.rest.post(&url, &self.admin, &serde_json::json!({"name": name})).await?;
         anyhow::ensure!(s == 201, "team {name}: {s} {v}");
         Ok(v["token"].as_str().unwrap_or_default().to_string())
     }
 
-    /// Creates a database (retrying while the agent has not registered yet) and waits until it
-    /// is active; returns its view.
+    /// Creates a database (retrying while no agent has registered yet) and waits until it is
+    /// active; returns its view.
     pub async fn active_database(&self, token: &str, name: &str) -> Result<serde_json::Value> {
-        let url = self.node.url("/v1/databases");
+        let url = self.live_node().url("/v1/databases");
         let created = wait_for("a host to accept the database", Duration::from_secs(30), || async {
             let body = serde_json::json!({"name": name, "purpose": format!("{name} for tests")});
             let (s, v) = self.rest.post(&url, token, &body).await?;
@@ -427,13 +488,24 @@ impl OneHost {
 
     /// Waits until the database is in `state` (failing if it fails); returns its view.
     pub async fn wait_state(&self, token: &str, id: &str, state: &str) -> Result<serde_json::Value> {
-        let url = self.node.url(&format!("/v1/databases/{id}"));
         wait_for(&format!("database {id} to become {state}"), Duration::from_secs(240), || async {
+            let url = self.live_node().url(&format!("/v1/databases/{id}"));
             let (s, v) = self.rest.get(&url, token).await?;
             anyhow::ensure!(s == 200, "get {id}: {s} {v}");
             anyhow::ensure!(v["state"] != "failed", "database {id} failed: {v}");
             Ok((v["state"] == state).then_some(v))
         })
         .await
+    }
+
+    /// `stewardctl <args>` against a live node with the admin token: (success, stdout, stderr).
+    pub fn stewardctl(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = Command::new(bin("stewardctl"))
+            .args(["--server", &self.live_node().grpc, "--token", &self.admin])
+            .args(args)
+            .output()
+            .context("running stewardctl")?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+        Ok((out.status.success(), text(&out.stdout), text(&out.stderr)))
     }
 }

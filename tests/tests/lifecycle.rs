@@ -16,7 +16,7 @@ fn message(v: &Value) -> String {
 async fn lifecycle_transitions_ownership_and_audit() -> Result<()> {
     let scratch = Scratch::new("steward-lifecycle-")?;
     let host = OneHost::start(scratch.path()).await?;
-    let (rest, node) = (&host.rest, &host.node);
+    let (rest, node) = (&host.rest, host.node());
     let shop = host.team("shop").await?;
     let billing = host.team("billing").await?;
     let ops = host.team("ops").await?;
@@ -118,7 +118,7 @@ async fn lifecycle_transitions_ownership_and_audit() -> Result<()> {
 async fn archive_restore_delete_round_trip() -> Result<()> {
     let scratch = Scratch::new("steward-archive-")?;
     let host = OneHost::start_with_repo(scratch.path(), &["--archive-delete-grace", "0"]).await?;
-    let (rest, node) = (&host.rest, &host.node);
+    let (rest, node) = (&host.rest, host.node());
     let shop = host.team("shop").await?;
     let db = host.active_database(&shop, "ledger").await?;
     let id = db["id"].as_str().context("id")?.to_string();

@@ -11,7 +11,7 @@ use steward_tests::{wait_for, OneHost, Scratch};
 async fn database_is_created_and_usable() -> Result<()> {
     let scratch = Scratch::new("steward-e2e-")?;
     let host = OneHost::start(scratch.path()).await?;
-    let (rest, node) = (&host.rest, &host.node);
+    let (rest, node) = (&host.rest, host.node());
     let token = host.team("shop").await?;
 
     // The agent registers asynchronously: retry while no host is known yet (503).

@@ -11,6 +11,7 @@ mod database;
 pub mod error;
 pub mod instance;
 pub mod lifecycle;
+pub mod logical;
 pub mod paths;
 mod probe;
 pub mod replication;

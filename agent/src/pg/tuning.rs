@@ -95,7 +95,9 @@ impl Tuning {
         line("max_parallel_workers_per_gather", gather);
         let maint = self.max_parallel_maintenance_workers.to_string();
         line("max_parallel_maintenance_workers", maint);
-        line("wal_level", "replica".into());
+        // logical, not replica: a database can then be moved to another cluster by logical
+        // replication without restarting its primary first.
+        line("wal_level", "logical".into());
         line("max_wal_senders", self.max_wal_senders.to_string());
         line("max_replication_slots", self.max_replication_slots.to_string());
         line("wal_compression", "on".into());

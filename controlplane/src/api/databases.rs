@@ -13,11 +13,8 @@ use super::auth::{caller, Caller};
 use super::error::ApiError;
 use super::validate::{self, NewDatabase, RestoreRequest, ValidDatabase};
 use super::AppState;
-use crate::reconcile::placement::{self, Candidate, HaCluster, HaPlacement, Placement};
-use crate::state::model::{
-    cluster_state, db_state, host_state, member_role, op_kind, Cluster, Database, Host, Member, Operation,
-    RestoreSource,
-};
+use crate::reconcile::{placement, plan};
+use crate::state::model::{db_state, op_kind, Database, Operation, RestoreSource};
 use crate::state::{query, Command, Response};
 
 /// The libpq connection details of an active database: every member in the URI, primary first,
@@ -105,128 +102,6 @@ pub async fn view(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx::Error
     }))
 }
 
-/// Where a new database goes: an existing cluster, or a new one with its members.
-struct Planned {
-    cluster_id: String,
-    new_cluster: Option<Cluster>,
-    new_members: Vec<Member>,
-    taken_pg_names: Vec<String>,
-}
-
-/// Gathers placement candidates from the local replica (apply re-checks what must not race).
-async fn candidates(pool: &SqlitePool) -> Result<(Vec<Candidate>, Vec<Host>), ApiError> {
-    let hosts = query::hosts(pool).await?;
-    let clusters = query::clusters(pool).await?;
-    let members = query::all_members(pool).await?;
-    let counts = query::database_counts(pool).await?;
-    let count_of =
-        |cluster_id: &str| counts.iter().find(|(id, _)| id == cluster_id).map(|(_, n)| *n as u64).unwrap_or(0);
-    let candidates = hosts
-        .iter()
-        .map(|h| {
-            let mine: Vec<&Member> = members.iter().filter(|m| m.host_id == h.id).collect();
-            let single = clusters.iter().find(|c| c.availability == "single" && c.primary_host == h.id);
-            Candidate {
-                host_id: h.id.clone(),
-                // A host without PostgreSQL binaries (pg_major 0) cannot take databases.
-                active: h.state == host_state::ACTIVE && h.pg_major > 0,
-                zone: h.zone.clone(),
-                memory_budget_bytes: h.memory_budget_bytes as u64,
-                disk_free_bytes: h.disk_free_bytes as u64,
-                base_port: u16::try_from(h.pg_port).unwrap_or(5432),
-                used_ports: mine.iter().filter_map(|m| u16::try_from(m.port).ok()).collect(),
-                cluster_id: single.map(|c| c.id.clone()),
-                databases: mine.iter().map(|m| count_of(&m.cluster_id)).sum(),
-            }
-        })
-        .collect();
-    Ok((candidates, hosts))
-}
-
-async fn plan_placement(pool: &SqlitePool, availability: &str) -> Result<Planned, ApiError> {
-    let (candidates, hosts) = candidates(pool).await?;
-    let unavailable = |e: placement::PlacementError| ApiError::Unavailable(e.to_string());
-    let existing = |cluster_id: String| async move {
-        let taken = query::databases_in_cluster(pool, &cluster_id).await?.into_iter().map(|d| d.pg_name).collect();
-        Ok::<_, ApiError>(Planned { cluster_id, new_cluster: None, new_members: vec![], taken_pg_names: taken })
-    };
-    let pg_major = |host_id: &str| hosts.iter().find(|h| h.id == host_id).map(|h| h.pg_major).unwrap_or(0);
-    let new_cluster =
-        |id: String, primary: &str, port: u16, availability: &str, replication_password: String| Cluster {
-            id,
-            pg_major: pg_major(primary),
-            primary_host: primary.to_string(),
-            port: i64::from(port),
-            epoch: 1,
-            state: cluster_state::CREATING.into(),
-            created_at: crate::now(),
-            availability: availability.into(),
-            replication_password,
-        };
-    if availability == "ha" {
-        let clusters = query::clusters(pool).await?;
-        let counts = query::database_counts(pool).await?;
-        let mut ha = Vec::new();
-        for c in clusters.iter().filter(|c| c.availability == "ha") {
-            let members = query::members(pool, &c.id).await?;
-            let healthy = c.state == cluster_state::READY
-                && members.iter().all(|m| {
-                    m.state == cluster_state::READY
-                        && m.role != member_role::FAILED
-                        && hosts.iter().any(|h| h.id == m.host_id && h.state == host_state::ACTIVE)
-                });
-            let databases = counts.iter().find(|(id, _)| id == &c.id).map(|(_, n)| *n as u64).unwrap_or(0);
-            ha.push(HaCluster { cluster_id: c.id.clone(), databases, healthy });
-        }
-        return match placement::place_ha(&candidates, &ha).map_err(unavailable)? {
-            HaPlacement::Existing { cluster_id } => existing(cluster_id).await,
-            HaPlacement::New { members } => {
-                let id = format!("ha-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-                let (primary, port) = members[0].clone();
-                let cluster = new_cluster(id.clone(), &primary, port, "ha", new_password());
-                let new_members = members
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (host, port))| Member {
-                        cluster_id: id.clone(),
-                        host_id: host.clone(),
-                        port: i64::from(*port),
-                        role: if i == 0 { member_role::PRIMARY } else { member_role::STANDBY }.into(),
-                        state: cluster_state::CREATING.into(),
-                    })
-                    .collect();
-                Ok(Planned { cluster_id: id, new_cluster: Some(cluster), new_members, taken_pg_names: vec![] })
-            }
-        };
-    }
-    match placement::place(&candidates).map_err(unavailable)? {
-        Placement::Existing { cluster_id, .. } => existing(cluster_id).await,
-        Placement::New { host_id } => {
-            let c = candidates.iter().find(|c| c.host_id == host_id);
-            let port = c.map(placement::free_port).unwrap_or(5432);
-            let cluster = new_cluster(format!("single-{host_id}"), &host_id, port, "single", String::new());
-            let member = Member {
-                cluster_id: cluster.id.clone(),
-                host_id: host_id.clone(),
-                port: i64::from(port),
-                role: member_role::PRIMARY.into(),
-                state: cluster_state::CREATING.into(),
-            };
-            Ok(Planned {
-                cluster_id: cluster.id.clone(),
-                new_cluster: Some(cluster),
-                new_members: vec![member],
-                taken_pg_names: vec![],
-            })
-        }
-    }
-}
-
-fn new_password() -> String {
-    use rand::distributions::{Alphanumeric, DistString};
-    Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
-}
-
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -257,7 +132,7 @@ pub async fn create(
             )));
         }
     }
-    let planned = plan_placement(pool, &valid.availability).await?;
+    let planned = plan::plan_placement(pool, &valid.availability, &plan::Avoid::default()).await?;
     let actor = actor_of(&who);
     let new = NewRecord { owner, valid, kind: op_kind::PROVISION, restore_of: None };
     submit(&state, planned, new, idempotency_key, actor).await
@@ -282,7 +157,7 @@ struct NewRecord {
 /// Writes a new database with its operation through Raft and answers 202 with its view.
 async fn submit(
     state: &AppState,
-    planned: Planned,
+    planned: plan::Planned,
     new: NewRecord,
     idempotency_key: Option<String>,
     actor: String,
@@ -304,7 +179,7 @@ async fn submit(
         cluster_id: planned.cluster_id,
         pg_name: pg_name.clone(),
         role_name: pg_name,
-        password: new_password(),
+        password: plan::new_password(),
         created_at: at.clone(),
         updated_at: at.clone(),
         deprecation_reason: String::new(),
@@ -400,7 +275,7 @@ pub async fn restore(
         availability: source.availability.clone(),
         backup_retention_days: source.backup_retention_days,
     };
-    let planned = plan_placement(pool, &new.availability).await?;
+    let planned = plan::plan_placement(pool, &new.availability, &plan::Avoid::default()).await?;
     let restore_of = RestoreSource {
         database_id: String::new(),
         source_database_id: source.id.clone(),
@@ -418,7 +293,7 @@ pub async fn restore(
 /// operation provisions it and loads its archive.
 async fn unarchive(state: &AppState, who: &Caller, db: Database) -> Result<HttpResponse, ApiError> {
     let pool = state.node.store.pool();
-    let planned = plan_placement(pool, &db.availability).await?;
+    let planned = plan::plan_placement(pool, &db.availability, &plan::Avoid::default()).await?;
     let pg_name = placement::pg_name(&db.name, &db.id, &planned.taken_pg_names);
     let at = crate::now();
     let operation = Operation::start(op_kind::UNARCHIVE, &db.id, &at);

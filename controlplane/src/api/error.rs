@@ -65,6 +65,15 @@ impl From<RaftApiError> for ApiError {
     }
 }
 
+impl From<crate::reconcile::plan::PlanError> for ApiError {
+    fn from(e: crate::reconcile::plan::PlanError) -> Self {
+        match e {
+            crate::reconcile::plan::PlanError::NoPlace(p) => ApiError::Unavailable(p.to_string()),
+            crate::reconcile::plan::PlanError::Storage(s) => ApiError::from(s),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         ApiError::Internal(format!("reading state: {e}"))

@@ -24,6 +24,7 @@ pub fn view(op: &Operation) -> Value {
         "error": if op.error.is_empty() { Value::Null } else { Value::String(op.error.clone()) },
         "created_at": op.created_at,
         "updated_at": op.updated_at,
+        "detail": if op.detail.is_empty() { Value::Null } else { Value::String(op.detail.clone()) },
     })
 }
 

@@ -71,6 +71,58 @@ enum Cmd {
     /// HA cluster actions.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Database actions: move to another cluster.
+    #[command(subcommand)]
+    Database(DatabaseCmd),
+    /// Host actions: drain (move every database away) and undrain.
+    #[command(subcommand)]
+    Host(HostCmd),
+}
+
+#[derive(Subcommand)]
+enum DatabaseCmd {
+    /// Move a live database to another cluster without downtime: its tables are copied and kept
+    /// in sync by logical replication, then writers are blocked for a moment while the rest is
+    /// applied, and its placement and connection URI switch to the new cluster. Applications
+    /// pick up the new `connection.uri` (GET /v1/databases/{id}); the old one refuses them.
+    ///
+    /// Every table needs a primary key or a replica identity: the move is refused beforehand,
+    /// with what to do, when one does not (see --check). Waits and prints progress unless
+    /// --no-wait.
+    Move {
+        /// Database id, or <team>/<name> (see `stewardctl databases`).
+        database: String,
+        /// Target cluster id (see `stewardctl clusters`); default: where placement puts it.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only say where it would go and what stops it.
+        #[arg(long, conflicts_with_all = ["abort", "no_wait"])]
+        check: bool,
+        /// Return once the move started (follow it with `stewardctl operation <id>`).
+        #[arg(long)]
+        no_wait: bool,
+        /// Roll back the database's running move instead (only before it switched).
+        #[arg(long, conflicts_with = "to")]
+        abort: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Drain a host: it takes no new databases, and every database with an instance on it is
+    /// moved to a cluster elsewhere, one at a time (`stewardctl hosts` shows how far).
+    Drain {
+        /// Host id (see `stewardctl hosts`).
+        host: String,
+        /// Wait until no database is left on the host, printing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// End a drain: the host takes databases again.
+    Undrain {
+        /// Host id.
+        host: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +200,44 @@ fn req<T>(token: &str, msg: T) -> anyhow::Result<tonic::Request<T>> {
     Ok(r)
 }
 
+/// Polls an operation until it ends, printing each new step to stderr.
+async fn wait_operation(
+    c: &mut OperatorClient<Channel>,
+    tok: &str,
+    mut o: OperationInfo,
+    deadline: std::time::Duration,
+) -> anyhow::Result<OperationInfo> {
+    let mut last_step = String::new();
+    let until = std::time::Instant::now() + deadline;
+    while o.state == "running" && std::time::Instant::now() < until {
+        if o.step != last_step {
+            eprintln!("  {}", o.step.replace("backing_up_from:", "backing up from "));
+            last_step = o.step.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        o = c.get_operation(req(tok, GetOperationRequest { id: o.id.clone() })?).await?.into_inner();
+    }
+    Ok(o)
+}
+
+/// The id of a database named by id or by `<team>/<name>`.
+async fn database_id(c: &mut OperatorClient<Channel>, tok: &str, name: &str) -> anyhow::Result<String> {
+    let dbs = c.list_databases(req(tok, ListDatabasesRequest {})?).await?.into_inner().databases;
+    let found = dbs.iter().find(|d| d.id == name && d.state != "deleted").or_else(|| {
+        name.split_once('/')
+            .and_then(|(team, n)| dbs.iter().find(|d| d.owner == team && d.name == n && d.state != "deleted"))
+    });
+    found
+        .map(|d| d.id.clone())
+        .ok_or_else(|| anyhow::anyhow!("no database {name}: give its id or <team>/<name> (see stewardctl databases)"))
+}
+
+fn operation_json(o: &OperationInfo) -> serde_json::Value {
+    serde_json::json!({"id": o.id, "kind": o.kind, "database_id": o.database_id, "state": o.state, "step": o.step,
+        "attempts": o.attempts, "error": o.error, "detail": o.detail, "created_at": o.created_at,
+        "updated_at": o.updated_at})
+}
+
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -183,6 +273,56 @@ fn print_members(out: Output, m: &[RaftMember]) {
                 .collect(),
         );
     }
+}
+
+fn print_hosts(out: Output, hosts: &[HostInfo]) {
+    if out == Output::Json {
+        let v: Vec<_> = hosts
+            .iter()
+            .map(|h| {
+                serde_json::json!({"id": h.id, "hostname": h.hostname, "agent_addr": h.agent_addr, "zone": h.zone,
+                    "state": h.state, "cores": h.cores, "memory_bytes": h.memory_bytes,
+                    "disk_free_bytes": h.disk_free_bytes, "last_heartbeat": h.last_heartbeat, "pg_host": h.pg_host,
+                    "pg_port": h.pg_port, "databases": h.databases, "drain_note": h.drain_note})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return;
+    }
+    let gib = |b: u64| format!("{:.1}", b as f64 / (1u64 << 30) as f64);
+    table(
+        &[
+            "ID",
+            "STATE",
+            "ZONE",
+            "AGENT",
+            "POSTGRES",
+            "CORES",
+            "MEM GiB",
+            "FREE GiB",
+            "DATABASES",
+            "LAST HEARTBEAT",
+            "DRAIN",
+        ],
+        hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    h.id.clone(),
+                    h.state.clone(),
+                    h.zone.clone(),
+                    h.agent_addr.clone(),
+                    format!("{}:{}", h.pg_host, h.pg_port),
+                    h.cores.to_string(),
+                    gib(h.memory_bytes),
+                    gib(h.disk_free_bytes),
+                    h.databases.to_string(),
+                    h.last_heartbeat.clone(),
+                    h.drain_note.clone(),
+                ]
+            })
+            .collect(),
+    );
 }
 
 fn print_backups(out: Output, backups: &[BackupInfo]) {
@@ -274,30 +414,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Hosts => {
             let r = c.list_hosts(req(&tok, ListHostsRequest {})?).await?.into_inner();
-            if out == Output::Json {
-                let v: Vec<_> = r.hosts.iter().map(|h| serde_json::json!({"id": h.id, "hostname": h.hostname, "agent_addr": h.agent_addr, "zone": h.zone, "state": h.state, "cores": h.cores, "memory_bytes": h.memory_bytes, "disk_free_bytes": h.disk_free_bytes, "last_heartbeat": h.last_heartbeat, "pg_host": h.pg_host, "pg_port": h.pg_port})).collect();
-                println!("{}", serde_json::Value::Array(v));
-            } else {
-                table(
-                    &["ID", "STATE", "ZONE", "AGENT", "POSTGRES", "CORES", "MEM GiB", "FREE GiB", "LAST HEARTBEAT"],
-                    r.hosts
-                        .iter()
-                        .map(|h| {
-                            vec![
-                                h.id.clone(),
-                                h.state.clone(),
-                                h.zone.clone(),
-                                h.agent_addr.clone(),
-                                format!("{}:{}", h.pg_host, h.pg_port),
-                                h.cores.to_string(),
-                                format!("{:.1}", h.memory_bytes as f64 / (1u64 << 30) as f64),
-                                format!("{:.1}", h.disk_free_bytes as f64 / (1u64 << 30) as f64),
-                                h.last_heartbeat.clone(),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            print_hosts(out, &r.hosts);
         }
         Cmd::Clusters => {
             let r = c.list_clusters(req(&tok, ListClustersRequest {})?).await?.into_inner();
@@ -407,16 +524,7 @@ async fn main() -> anyhow::Result<()> {
                 .into_inner();
             eprintln!("backup {} of {cluster} started ({kind})", o.id);
             if *wait {
-                let mut last_step = String::new();
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6 * 3600);
-                while o.state == "running" && std::time::Instant::now() < deadline {
-                    if o.step != last_step {
-                        eprintln!("  {}", o.step.replace("backing_up_from:", "backing up from "));
-                        last_step = o.step.clone();
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    o = c.get_operation(req(&tok, GetOperationRequest { id: o.id.clone() })?).await?.into_inner();
-                }
+                o = wait_operation(&mut c, &tok, o, std::time::Duration::from_secs(6 * 3600)).await?;
                 let b = c
                     .list_backups(req(&tok, ListBackupsRequest { cluster_id: cluster.clone(), limit: 20 })?)
                     .await?
@@ -478,16 +586,106 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Operation { id } => {
             let o = c.get_operation(req(&tok, GetOperationRequest { id: id.clone() })?).await?.into_inner();
             if out == Output::Json {
-                println!(
-                    "{}",
-                    serde_json::json!({"id": o.id, "kind": o.kind, "database_id": o.database_id, "state": o.state, "step": o.step, "attempts": o.attempts, "error": o.error, "created_at": o.created_at, "updated_at": o.updated_at})
-                );
+                println!("{}", operation_json(&o));
             } else {
                 table(
-                    &["ID", "KIND", "DATABASE", "STATE", "STEP", "ATTEMPTS", "ERROR"],
-                    vec![vec![o.id, o.kind, o.database_id, o.state, o.step, o.attempts.to_string(), o.error]],
+                    &["ID", "KIND", "DATABASE", "STATE", "STEP", "ATTEMPTS", "DETAIL", "ERROR"],
+                    vec![vec![o.id, o.kind, o.database_id, o.state, o.step, o.attempts.to_string(), o.detail, o.error]],
                 );
             }
+        }
+        Cmd::Database(DatabaseCmd::Move { database, to, check, no_wait, abort }) => {
+            let id = database_id(&mut c, &tok, database).await?;
+            if *abort {
+                let o = c.abort_move(req(&tok, AbortMoveRequest { database_id: id.clone() })?).await?.into_inner();
+                eprintln!("rolling back move {} of {id}", o.id);
+                let o = wait_operation(&mut c, &tok, o, std::time::Duration::from_secs(3600)).await?;
+                if out == Output::Json {
+                    println!("{}", operation_json(&o));
+                } else {
+                    println!("move {} {}: {}", o.id, o.state, if o.error.is_empty() { &o.detail } else { &o.error });
+                }
+                return Ok(());
+            }
+            let mut r = req(
+                &tok,
+                MoveDatabaseRequest {
+                    database_id: id.clone(),
+                    target_cluster_id: to.clone().unwrap_or_default(),
+                    check_only: *check,
+                },
+            )?;
+            r.set_timeout(std::time::Duration::from_secs(120));
+            let reply = c.move_database(r).await?.into_inner();
+            if *check {
+                if out == Output::Json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"database_id": id, "target_cluster_id": reply.target_cluster_id, "problems": reply.problems})
+                    );
+                } else if reply.problems.is_empty() {
+                    println!("{id} can be moved; it would go to {}", reply.target_cluster_id);
+                } else {
+                    println!("{id} cannot be moved yet:");
+                    for p in &reply.problems {
+                        println!("  - {p}");
+                    }
+                }
+                if !reply.problems.is_empty() {
+                    std::process::exit(1);
+                }
+                return Ok(());
+            }
+            let o = reply.operation.context("the control plane returned no operation")?;
+            eprintln!("moving {id} to {} (operation {})", reply.target_cluster_id, o.id);
+            if *no_wait {
+                if out == Output::Json {
+                    println!("{}", operation_json(&o));
+                } else {
+                    println!("{}", o.id);
+                }
+                return Ok(());
+            }
+            let o = wait_operation(&mut c, &tok, o, std::time::Duration::from_secs(24 * 3600)).await?;
+            if out == Output::Json {
+                println!("{}", operation_json(&o));
+            } else {
+                println!("move {} {}: {}", o.id, o.state, if o.error.is_empty() { &o.detail } else { &o.error });
+            }
+            if o.state != "succeeded" {
+                anyhow::bail!("move {} {}: {}", o.id, o.state, o.error);
+            }
+        }
+        Cmd::Host(HostCmd::Drain { host, wait }) => {
+            let mut h = c
+                .drain_host(req(&tok, DrainHostRequest { host_id: host.clone(), undrain: false })?)
+                .await?
+                .into_inner();
+            eprintln!("draining {host}: {} database(s) to move", h.databases);
+            if *wait {
+                let mut last = String::new();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(24 * 3600);
+                while h.databases > 0 && std::time::Instant::now() < deadline {
+                    let now = format!("{} database(s) left; {}", h.databases, h.drain_note);
+                    if now != last {
+                        eprintln!("  {now}");
+                        last = now;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    let hosts = c.list_hosts(req(&tok, ListHostsRequest {})?).await?.into_inner().hosts;
+                    h = hosts.into_iter().find(|x| x.id == *host).context("the host vanished")?;
+                }
+                if h.databases > 0 {
+                    anyhow::bail!("{host} still has {} database(s): {}", h.databases, h.drain_note);
+                }
+                eprintln!("{host} is drained");
+            }
+            print_hosts(out, &[h]);
+        }
+        Cmd::Host(HostCmd::Undrain { host }) => {
+            let h =
+                c.drain_host(req(&tok, DrainHostRequest { host_id: host.clone(), undrain: true })?).await?.into_inner();
+            print_hosts(out, &[h]);
         }
     }
     Ok(())

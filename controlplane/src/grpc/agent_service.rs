@@ -54,6 +54,7 @@ fn host_from(f: &HostFacts, at: &str) -> Host {
         state: host_state::ACTIVE.into(),
         registered_at: at.to_string(),
         state_changed_at: at.to_string(),
+        draining: false,
     }
 }
 

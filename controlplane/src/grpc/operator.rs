@@ -60,6 +60,26 @@ fn internal(e: impl std::fmt::Display) -> Status {
 }
 
 impl OperatorService {
+    /// A host as operators see it: state (active, draining, down), last heartbeat, databases.
+    async fn host_info(&self, h: crate::state::model::Host) -> Result<HostInfo, Status> {
+        let databases = query::live_databases_on_host(self.node.store.pool(), &h.id).await.map_err(internal)?.len();
+        Ok(HostInfo {
+            last_heartbeat: self.liveness.get(&h.id).map(|s| s.wall).unwrap_or_default(),
+            state: h.shown_state().to_string(),
+            drain_note: if h.draining { self.ctx.drain_note(&h.id) } else { String::new() },
+            databases: u32::try_from(databases).unwrap_or(u32::MAX),
+            id: h.id,
+            hostname: h.hostname,
+            agent_addr: h.agent_addr,
+            zone: h.zone,
+            cores: h.cores as u32,
+            memory_bytes: h.memory_bytes as u64,
+            disk_free_bytes: h.disk_free_bytes as u64,
+            pg_host: h.pg_host,
+            pg_port: h.pg_port as u32,
+        })
+    }
+
     async fn read(&self) -> Result<(), Status> {
         self.node.linearizable_read().await.map_err(|e| Status::unavailable(e.to_string()))
     }
@@ -162,22 +182,11 @@ impl Operator for OperatorService {
         }
         self.read().await?;
         let hosts = query::hosts(self.node.store.pool()).await.map_err(internal)?;
-        let hosts = hosts
-            .into_iter()
-            .map(|h| HostInfo {
-                last_heartbeat: self.liveness.get(&h.id).map(|s| s.wall).unwrap_or_default(),
-                id: h.id,
-                hostname: h.hostname,
-                agent_addr: h.agent_addr,
-                zone: h.zone,
-                state: h.state,
-                cores: h.cores as u32,
-                memory_bytes: h.memory_bytes as u64,
-                disk_free_bytes: h.disk_free_bytes as u64,
-                pg_host: h.pg_host,
-                pg_port: h.pg_port as u32,
-            })
-            .collect();
+        let mut out = Vec::with_capacity(hosts.len());
+        for h in hosts {
+            out.push(self.host_info(h).await?);
+        }
+        let hosts = out;
         Ok(Response::new(ListHostsReply { hosts }))
     }
 
@@ -335,6 +344,78 @@ impl Operator for OperatorService {
         Ok(Response::new(ListAuditReply { entries: rows.into_iter().map(audit_entry).collect() }))
     }
 
+    async fn move_database(&self, req: Request<MoveDatabaseRequest>) -> Result<Response<MoveDatabaseReply>, Status> {
+        let token = authorize(&req, &self.admin_token_hash)?;
+        let r = req.into_inner();
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.move_database(Self::forwarded(&token, r)?).await;
+        }
+        if r.database_id.is_empty() {
+            return Err(Status::invalid_argument("database_id is required (see stewardctl databases)"));
+        }
+        self.read().await?;
+        let to = (!r.target_cluster_id.is_empty()).then_some(r.target_cluster_id.as_str());
+        let started = crate::reconcile::moves::start(&self.ctx, &r.database_id, to, "operator", r.check_only)
+            .await
+            .map_err(start_error)?;
+        let operation = match &started.operation_id {
+            Some(id) => query::operation(self.node.store.pool(), id).await.map_err(internal)?.map(operation_info),
+            None => None,
+        };
+        Ok(Response::new(MoveDatabaseReply {
+            operation,
+            target_cluster_id: started.target_cluster_id,
+            problems: started.problems,
+        }))
+    }
+
+    async fn abort_move(&self, req: Request<AbortMoveRequest>) -> Result<Response<OperationInfo>, Status> {
+        let token = authorize(&req, &self.admin_token_hash)?;
+        let r = req.into_inner();
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.abort_move(Self::forwarded(&token, r)?).await;
+        }
+        self.read().await?;
+        let id = crate::reconcile::moves::abort(&self.ctx, &r.database_id, "operator").await.map_err(start_error)?;
+        let op = query::operation(self.node.store.pool(), &id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::internal("the move's operation vanished"))?;
+        Ok(Response::new(operation_info(op)))
+    }
+
+    async fn drain_host(&self, req: Request<DrainHostRequest>) -> Result<Response<HostInfo>, Status> {
+        let token = authorize(&req, &self.admin_token_hash)?;
+        let r = req.into_inner();
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.drain_host(Self::forwarded(&token, r)?).await;
+        }
+        let cmd = crate::state::Command::SetHostDraining {
+            host_id: r.host_id.clone(),
+            draining: !r.undrain,
+            at: crate::now(),
+            actor: "operator".into(),
+        };
+        match self.node.write(cmd).await.map_err(|e| Status::unavailable(e.to_string()))? {
+            crate::state::Response::Done => {}
+            crate::state::Response::NotFound { message } => {
+                return Err(Status::not_found(format!("{message} (see stewardctl hosts)")))
+            }
+            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+        if !r.undrain {
+            self.ctx.set_drain_note(&r.host_id, "starting");
+        }
+        let h = query::host(self.node.store.pool(), &r.host_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("host {} is not registered", r.host_id)))?;
+        Ok(Response::new(self.host_info(h).await?))
+    }
+
     async fn list_backups(&self, req: Request<ListBackupsRequest>) -> Result<Response<ListBackupsReply>, Status> {
         authorize(&req, &self.admin_token_hash)?;
         self.read().await?;
@@ -367,6 +448,15 @@ impl Operator for OperatorService {
     }
 }
 
+fn start_error(e: crate::reconcile::moves::StartError) -> Status {
+    use crate::reconcile::moves::StartError;
+    match e {
+        StartError::NotFound(m) => Status::not_found(m),
+        StartError::Refused(m) => Status::failed_precondition(m),
+        StartError::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
 fn audit_entry(a: query::AuditEntry) -> AuditEntry {
     AuditEntry { seq: a.seq, at: a.at, actor: a.actor, action: a.action, target: a.target, outcome: a.outcome }
 }
@@ -382,5 +472,6 @@ fn operation_info(op: crate::state::model::Operation) -> OperationInfo {
         error: op.error,
         created_at: op.created_at,
         updated_at: op.updated_at,
+        detail: op.detail,
     }
 }

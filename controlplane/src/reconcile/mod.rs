@@ -3,10 +3,13 @@
 
 pub mod archive;
 pub mod backup;
+pub mod drain;
 pub mod failover;
 pub mod hosts;
 pub mod liveness;
+pub mod moves;
 pub mod placement;
+pub mod plan;
 pub mod provision;
 pub mod rejoin;
 pub mod switchover;
@@ -44,6 +47,10 @@ pub struct Ctx {
     rejoining: std::sync::atomic::AtomicBool,
     /// Clusters an operator action (switchover) is changing: automatic failover leaves them be.
     busy: Mutex<HashSet<String>>,
+    /// A drain pass is running.
+    draining: std::sync::atomic::AtomicBool,
+    /// Per draining host, what its drain does or what stops it (for operators).
+    drain_notes: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Ctx {
@@ -67,6 +74,8 @@ impl Ctx {
             in_flight: Mutex::new(HashSet::new()),
             rejoining: Default::default(),
             busy: Mutex::new(HashSet::new()),
+            draining: Default::default(),
+            drain_notes: Mutex::new(Default::default()),
         })
     }
 }
@@ -85,6 +94,17 @@ impl Ctx {
 
     pub fn is_busy(&self, cluster_id: &str) -> bool {
         self.busy.lock().map(|b| b.contains(cluster_id)).unwrap_or(false)
+    }
+
+    /// Records what a host's drain does now; true if that changed.
+    pub fn set_drain_note(&self, host_id: &str, note: &str) -> bool {
+        let Ok(mut notes) = self.drain_notes.lock() else { return false };
+        notes.insert(host_id.to_string(), note.to_string()).as_deref() != Some(note)
+    }
+
+    /// What a host's drain does now ("" if unknown or not draining).
+    pub fn drain_note(&self, host_id: &str) -> String {
+        self.drain_notes.lock().ok().and_then(|n| n.get(host_id).cloned()).unwrap_or_default()
     }
 
     /// Claims the rejoin pass if none is running.
@@ -157,9 +177,25 @@ pub async fn run(ctx: Arc<Ctx>) {
             if let Err(e) = archive::purge(&ctx, ctx.archive_grace).await {
                 tracing::warn!(error = %e, "removing archives of deleted databases failed");
             }
+            // A drain pass asks agents (the move's preflight): never in the way of failover.
+            if !ctx.draining.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                let c = ctx.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = drain::check(&c).await {
+                        tracing::warn!(error = %e, "draining hosts failed");
+                    }
+                    c.draining.store(false, std::sync::atomic::Ordering::Release);
+                });
+            }
         }
         match query::running_operations(ctx.node.store.pool()).await {
             Ok(ops) => {
+                // A node that restarts with its own old vote leads for a moment before it hears of
+                // the newer term: only a leadership a quorum confirms starts operation drivers.
+                let fresh_ops = ops.iter().any(|op| ctx.in_flight.lock().map(|s| !s.contains(&op.id)).unwrap_or(false));
+                if fresh_ops && ctx.node.linearizable_read().await.is_err() {
+                    continue;
+                }
                 for op in ops {
                     let fresh = ctx.in_flight.lock().map(|mut s| s.insert(op.id.clone())).unwrap_or(false);
                     if !fresh {
@@ -171,6 +207,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                         match op.kind.as_str() {
                             op_kind::BACKUP => backup::run(&ctx2, op).await,
                             op_kind::ARCHIVE => archive::run(&ctx2, op).await,
+                            op_kind::MOVE => moves::run(&ctx2, op).await,
                             _ => provision::run(&ctx2, op).await,
                         }
                         if let Ok(mut s) = ctx2.in_flight.lock() {

@@ -12,14 +12,14 @@ use steward_proto::v1::{
 use super::topology::ensure_request;
 
 use super::Ctx;
-use crate::state::model::{cluster_state, host_state, member_role, op_kind, Host, Member, Operation};
+use crate::state::model::{cluster_state, host_state, member_role, op_kind, Cluster, Host, Member, Operation};
 use crate::state::{query, Command};
 
 /// Attempts before a provision is declared failed.
 pub const MAX_ATTEMPTS: i64 = 8;
 
 #[derive(Debug, thiserror::Error)]
-enum StepError {
+pub(super) enum StepError {
     /// Worth retrying later (agent unreachable, host down, ...).
     #[error("{0}")]
     Retry(String),
@@ -83,7 +83,7 @@ pub async fn run(ctx: &Ctx, op: Operation) {
     }
 }
 
-async fn step(ctx: &Ctx, op: &Operation, attempts: i64, name: &str) -> Result<(), StepError> {
+pub(super) async fn step(ctx: &Ctx, op: &Operation, attempts: i64, name: &str) -> Result<(), StepError> {
     let cmd = Command::UpdateOperation {
         id: op.id.clone(),
         step: name.into(),
@@ -120,17 +120,17 @@ async fn ensure(
     Ok(())
 }
 
-async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepError> {
+/// Brings `cluster` to what it needs: for a new one the primary (initdb), then for HA the cloned
+/// standbys and synchronous replication, and marks its members and itself ready; for a ready
+/// one, makes sure its primary runs as configured. Provisions and moves to a new cluster share it.
+pub(super) async fn ensure_cluster(
+    ctx: &Ctx,
+    op: &Operation,
+    attempts: i64,
+    cluster: &Cluster,
+) -> Result<(), StepError> {
     let pool = ctx.node.store.pool();
     let read = |e: sqlx::Error| StepError::Retry(format!("reading state: {e}"));
-    let db = query::database(pool, &op.database_id)
-        .await
-        .map_err(read)?
-        .ok_or_else(|| StepError::Abandon("database vanished".into()))?;
-    let cluster = query::cluster(pool, &db.cluster_id)
-        .await
-        .map_err(read)?
-        .ok_or_else(|| StepError::Abandon("cluster vanished".into()))?;
     let members = query::members(pool, &cluster.id).await.map_err(read)?;
     let hosts = query::hosts(pool).await.map_err(read)?;
     let primary = members
@@ -138,7 +138,7 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepErr
         .find(|m| m.host_id == cluster.primary_host)
         .ok_or_else(|| StepError::Abandon("cluster has no primary member".into()))?;
     let request = |m: &Member, sync: bool| {
-        ensure_request(&cluster, &members, &hosts, m, sync)
+        ensure_request(cluster, &members, &hosts, m, sync)
             .ok_or_else(|| StepError::Abandon(format!("member {} has no host", m.host_id)))
     };
     let slow = Duration::from_secs(300);
@@ -189,11 +189,27 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepErr
         step(ctx, op, attempts, "ensure_primary").await?;
         ensure(ctx, &hosts, request(primary, true)?, &primary.host_id, slow).await?;
     }
+    Ok(())
+}
+
+async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepError> {
+    let pool = ctx.node.store.pool();
+    let read = |e: sqlx::Error| StepError::Retry(format!("reading state: {e}"));
+    let db = query::database(pool, &op.database_id)
+        .await
+        .map_err(read)?
+        .ok_or_else(|| StepError::Abandon("database vanished".into()))?;
+    let cluster = query::cluster(pool, &db.cluster_id)
+        .await
+        .map_err(read)?
+        .ok_or_else(|| StepError::Abandon("cluster vanished".into()))?;
+    ensure_cluster(ctx, op, attempts, &cluster).await?;
+    let hosts = query::hosts(pool).await.map_err(read)?;
 
     step(ctx, op, attempts, "ensure_database").await?;
     let host = hosts
         .iter()
-        .find(|h| h.id == primary.host_id)
+        .find(|h| h.id == cluster.primary_host)
         .ok_or_else(|| StepError::Abandon("primary host vanished".into()))?;
     let mut agent = ctx.agents.get(&host.agent_addr).await.map_err(|e| StepError::Retry(e.to_string()))?;
     let mut req = tonic::Request::new(EnsureDatabaseRequest {

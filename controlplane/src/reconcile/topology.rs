@@ -84,6 +84,7 @@ mod tests {
             state: "active".into(),
             registered_at: String::new(),
             state_changed_at: String::new(),
+            draining: false,
         }
     }
 

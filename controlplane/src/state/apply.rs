@@ -5,7 +5,7 @@ use sqlx::SqliteConnection;
 
 use super::command::{Command, Response};
 use super::lifecycle::{self, Action};
-use super::model::{db_state, member_role, op_kind, op_state, Member};
+use super::model::{db_state, member_role, move_state, op_kind, op_state, Member};
 
 /// Applies `cmd`; an `Err` is a storage failure (the transaction is rolled back by the caller).
 pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Response, sqlx::Error> {
@@ -355,6 +355,10 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
             let Some(state) = db_state_of(conn, id).await? else {
                 return Ok(Response::NotFound { message: format!("database {id} does not exist") });
             };
+            if let Some(message) = moving(conn, id).await? {
+                audit(conn, at, actor, "database.archive", id, &format!("refused: {message}")).await?;
+                return Ok(Response::Conflict { message });
+            }
             let to = match lifecycle::transition(&state, Action::Archive) {
                 Ok(to) => to,
                 Err(message) => {
@@ -562,6 +566,201 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
             .await?;
             Ok(Response::Done)
         }
+        Command::SetHostDraining { host_id, draining, at, actor } => {
+            let r = sqlx::query("UPDATE hosts SET draining = ? WHERE id = ?")
+                .bind(draining)
+                .bind(host_id)
+                .execute(&mut *conn)
+                .await?;
+            if r.rows_affected() == 0 {
+                return Ok(Response::NotFound { message: format!("host {host_id} is not registered") });
+            }
+            let what = if *draining { "host.drain" } else { "host.undrain" };
+            audit(conn, at, actor, what, host_id, "ok").await?;
+            Ok(Response::Done)
+        }
+        Command::StartMove { mv, operation, new_cluster, new_members, actor } => {
+            let at = &mv.created_at;
+            let Some(state) = db_state_of(conn, &mv.database_id).await? else {
+                return Ok(Response::NotFound { message: format!("database {} does not exist", mv.database_id) });
+            };
+            let refused = if state != db_state::ACTIVE && state != db_state::DEPRECATED {
+                Some(format!("the database is {state}: only a live (active or deprecated) database can be moved"))
+            } else {
+                moving(conn, &mv.database_id).await?
+            };
+            let placed: Option<(String, String)> =
+                sqlx::query_as("SELECT cluster_id, pg_name FROM databases WHERE id = ?")
+                    .bind(&mv.database_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let refused = refused.or_else(|| match placed {
+                Some((cluster, pg_name)) if cluster != mv.source_cluster_id || pg_name != mv.source_pg_name => {
+                    Some("the database's placement changed meanwhile; ask again".to_string())
+                }
+                _ => None,
+            });
+            let refused = match refused {
+                Some(r) => Some(r),
+                None => {
+                    let role_taken: Option<(String,)> = sqlx::query_as(
+                        "SELECT id FROM databases WHERE cluster_id = ? AND role_name = ? AND state <> 'deleted'",
+                    )
+                    .bind(&mv.target_cluster_id)
+                    .bind(&mv.target_role)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    role_taken.map(|_| "placement raced with another change; retry the request".to_string())
+                }
+            };
+            if let Some(message) = refused {
+                audit(conn, at, actor, "database.move", &mv.database_id, &format!("refused: {message}")).await?;
+                return Ok(Response::Conflict { message });
+            }
+            let placing = Placing {
+                cluster_id: &mv.target_cluster_id,
+                pg_name: &mv.target_pg_name,
+                database_id: &mv.database_id,
+            };
+            if let Some(refused) = claim_placement(conn, placing, new_cluster.as_ref(), new_members).await? {
+                return Ok(refused);
+            }
+            sqlx::query(
+                "INSERT INTO moves (operation_id, database_id, source_cluster_id, source_pg_name, source_role,
+                    target_cluster_id, target_pg_name, target_role, move_password, requested_by, state, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&mv.operation_id)
+            .bind(&mv.database_id)
+            .bind(&mv.source_cluster_id)
+            .bind(&mv.source_pg_name)
+            .bind(&mv.source_role)
+            .bind(&mv.target_cluster_id)
+            .bind(&mv.target_pg_name)
+            .bind(&mv.target_role)
+            .bind(&mv.move_password)
+            .bind(&mv.requested_by)
+            .bind(move_state::COPYING)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+            insert_operation(conn, operation).await?;
+            let note = format!("moving from {} to {}", mv.source_cluster_id, mv.target_cluster_id);
+            event(conn, &mv.database_id, at, &state, &note).await?;
+            audit(conn, at, actor, "database.move", &mv.database_id, &format!("accepted: {note}")).await?;
+            Ok(Response::Done)
+        }
+        Command::AbortMove { operation_id, reason, at, actor } => {
+            let cur: Option<(String, String)> =
+                sqlx::query_as("SELECT state, database_id FROM moves WHERE operation_id = ?")
+                    .bind(operation_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let Some((state, database_id)) = cur else {
+                return Ok(Response::NotFound { message: format!("no move {operation_id}") });
+            };
+            if state != move_state::COPYING {
+                let message = match state.as_str() {
+                    move_state::SWITCHED => "the database was switched to its new cluster already: too late to abort",
+                    _ => "the move has ended",
+                };
+                audit(conn, at, actor, "database.move_abort", &database_id, &format!("refused: {message}")).await?;
+                return Ok(Response::Conflict { message: message.into() });
+            }
+            sqlx::query("UPDATE moves SET abort_reason = ? WHERE operation_id = ? AND abort_reason = ''")
+                .bind(reason)
+                .bind(operation_id)
+                .execute(&mut *conn)
+                .await?;
+            audit(conn, at, actor, "database.move_abort", &database_id, "accepted").await?;
+            Ok(Response::Done)
+        }
+        Command::SwitchMove { operation_id, write_pause_ms, at } => {
+            let mv: Option<super::model::Move> = sqlx::query_as("SELECT * FROM moves WHERE operation_id = ?")
+                .bind(operation_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            let Some(mv) = mv else {
+                return Ok(Response::NotFound { message: format!("no move {operation_id}") });
+            };
+            if mv.state == move_state::SWITCHED {
+                return Ok(Response::Done);
+            }
+            if mv.state != move_state::COPYING || !mv.abort_reason.is_empty() {
+                return Ok(Response::Conflict {
+                    message: format!("the move is {} ({}): not switched", mv.state, mv.abort_reason),
+                });
+            }
+            sqlx::query(
+                "UPDATE databases SET cluster_id = ?, pg_name = ?, role_name = ?, updated_at = ?
+                 WHERE id = ? AND cluster_id = ?",
+            )
+            .bind(&mv.target_cluster_id)
+            .bind(&mv.target_pg_name)
+            .bind(&mv.target_role)
+            .bind(at)
+            .bind(&mv.database_id)
+            .bind(&mv.source_cluster_id)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query("UPDATE moves SET state = ?, write_pause_ms = ? WHERE operation_id = ?")
+                .bind(move_state::SWITCHED)
+                .bind(write_pause_ms)
+                .bind(operation_id)
+                .execute(&mut *conn)
+                .await?;
+            let state = db_state_of(conn, &mv.database_id).await?.unwrap_or_default();
+            let note = format!(
+                "moved from {} to {} (writes paused {write_pause_ms} ms)",
+                mv.source_cluster_id, mv.target_cluster_id
+            );
+            event(conn, &mv.database_id, at, &state, &note).await?;
+            audit(conn, at, "controlplane", "database.move_switch", &mv.database_id, &note).await?;
+            Ok(Response::Done)
+        }
+        Command::FinishMove { operation_id, succeeded, error, detail, at } => {
+            let cur: Option<(String, String)> =
+                sqlx::query_as("SELECT state, database_id FROM moves WHERE operation_id = ?")
+                    .bind(operation_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let Some((state, database_id)) = cur else {
+                return Ok(Response::NotFound { message: format!("no move {operation_id}") });
+            };
+            if state == move_state::DONE || state == move_state::ROLLED_BACK {
+                return Ok(Response::Done);
+            }
+            // Success only once switched; before the switch the end is a rollback.
+            let (move_final, op_final) = if state == move_state::SWITCHED {
+                (move_state::DONE, if *succeeded { op_state::SUCCEEDED } else { op_state::FAILED })
+            } else {
+                (move_state::ROLLED_BACK, op_state::FAILED)
+            };
+            sqlx::query("UPDATE moves SET state = ?, finished_at = ? WHERE operation_id = ?")
+                .bind(move_final)
+                .bind(at)
+                .bind(operation_id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                "UPDATE operations SET state = ?, step = 'done', error = ?, detail = ?, updated_at = ?
+                 WHERE id = ? AND state = ?",
+            )
+            .bind(op_final)
+            .bind(error)
+            .bind(detail)
+            .bind(at)
+            .bind(operation_id)
+            .bind(op_state::RUNNING)
+            .execute(&mut *conn)
+            .await?;
+            if move_final == move_state::ROLLED_BACK {
+                let db_state = db_state_of(conn, &database_id).await?.unwrap_or_default();
+                event(conn, &database_id, at, &db_state, &format!("move rolled back: {error}")).await?;
+            }
+            audit(conn, at, "controlplane", "database.move", &database_id, move_final).await?;
+            Ok(Response::Done)
+        }
         Command::FinishProvision { operation_id, succeeded, error, at } => {
             let op: Option<(String, String)> =
                 sqlx::query_as("SELECT database_id, kind FROM operations WHERE id = ? AND state = ?")
@@ -699,6 +898,19 @@ async fn insert_cluster(
         }
     }
     Ok(None)
+}
+
+/// Why the database cannot start another change while a move of it runs, if one does.
+async fn moving(conn: &mut SqliteConnection, database_id: &str) -> Result<Option<String>, sqlx::Error> {
+    let running: Option<(String,)> =
+        sqlx::query_as("SELECT operation_id FROM moves WHERE database_id = ? AND state IN (?, ?)")
+            .bind(database_id)
+            .bind(move_state::COPYING)
+            .bind(move_state::SWITCHED)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(running
+        .map(|(op,)| format!("the database is being moved to another cluster (operation {op}); wait until it ends")))
 }
 
 async fn db_state_of(conn: &mut SqliteConnection, id: &str) -> Result<Option<String>, sqlx::Error> {

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Backup, Cluster, Database, Host, Member, Operation, RestoreSource};
+use super::model::{Backup, Cluster, Database, Host, Member, Move, Operation, RestoreSource};
 
 /// One change to the replicated state. (Variants differ in size; commands are short-lived and
 /// serialized right away, so boxing would buy nothing.)
@@ -149,6 +149,48 @@ pub enum Command {
     /// A deleted database's archive was removed from the repository after its grace period.
     ArchivePurged {
         id: String,
+        at: String,
+    },
+    /// An operator drains a host (no new databases; its databases are moved away) or ends that.
+    SetHostDraining {
+        host_id: String,
+        draining: bool,
+        at: String,
+        actor: String,
+    },
+    /// A move of a live database to another cluster starts, with its operation (and the target
+    /// cluster, if it is new); refused while the database is not live or another move runs.
+    StartMove {
+        #[serde(rename = "move")]
+        mv: Move,
+        operation: Operation,
+        new_cluster: Option<Cluster>,
+        #[serde(default)]
+        new_members: Vec<Member>,
+        actor: String,
+    },
+    /// The move must be rolled back (an operator's abort, or the control plane giving up);
+    /// refused once the database was switched.
+    AbortMove {
+        operation_id: String,
+        reason: String,
+        at: String,
+        actor: String,
+    },
+    /// The database's placement becomes the move's target (refused if an abort came first).
+    SwitchMove {
+        operation_id: String,
+        write_pause_ms: i64,
+        at: String,
+    },
+    /// Ends a move operation: done (after the switch) or rolled back.
+    FinishMove {
+        operation_id: String,
+        succeeded: bool,
+        #[serde(default)]
+        error: String,
+        #[serde(default)]
+        detail: String,
         at: String,
     },
     /// Ends a provisioning operation: the database becomes `active` (or `failed`).

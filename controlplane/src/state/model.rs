@@ -24,6 +24,8 @@ pub mod db_state {
 pub mod host_state {
     pub const ACTIVE: &str = "active";
     pub const DOWN: &str = "down";
+    /// Shown for an active host an operator drains (stored as `draining` beside `state`).
+    pub const DRAINING: &str = "draining";
 }
 
 /// Cluster states: `creating` until its first instance answered, then `ready`.
@@ -68,6 +70,26 @@ pub struct Host {
     pub state: String,
     pub registered_at: String,
     pub state_changed_at: String,
+    /// An operator drains the host: it takes no new databases and its databases are moved away.
+    /// Kept across re-registrations; `state` still says whether it is alive.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+impl Host {
+    /// `down`, `draining` or `active`, as operators see it.
+    pub fn shown_state(&self) -> &str {
+        if self.state == host_state::ACTIVE && self.draining {
+            host_state::DRAINING
+        } else {
+            &self.state
+        }
+    }
+
+    /// Alive and not drained: may receive databases.
+    pub fn accepts_databases(&self) -> bool {
+        self.state == host_state::ACTIVE && !self.draining
+    }
 }
 
 /// A PostgreSQL cluster: for `single` availability, one instance on one host.
@@ -159,6 +181,9 @@ pub struct Operation {
     pub error: String,
     pub created_at: String,
     pub updated_at: String,
+    /// What a finished operation achieved, in words (a move's write pause, ...).
+    #[serde(default)]
+    pub detail: String,
 }
 
 /// A backup of a cluster into the repository, as the control plane scheduled and recorded it
@@ -200,6 +225,7 @@ impl Operation {
             error: String::new(),
             created_at: at.into(),
             updated_at: at.into(),
+            detail: String::new(),
         }
     }
 }
@@ -214,6 +240,41 @@ pub mod op_kind {
     pub const ARCHIVE: &str = "archive";
     /// Provisioning of an archived database again, filled from its archive.
     pub const UNARCHIVE: &str = "unarchive";
+    /// A live database copied to another cluster by logical replication, then switched there.
+    pub const MOVE: &str = "move";
+}
+
+/// Move states (see [`Move`]).
+pub mod move_state {
+    /// Copying and streaming; the database is still served by its source.
+    pub const COPYING: &str = "copying";
+    /// The database's placement is the target now; the source's copy is being removed.
+    pub const SWITCHED: &str = "switched";
+    pub const DONE: &str = "done";
+    pub const ROLLED_BACK: &str = "rolled_back";
+}
+
+/// A move of a live database to another cluster: where from, where to, how far.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct Move {
+    pub operation_id: String,
+    pub database_id: String,
+    pub source_cluster_id: String,
+    pub source_pg_name: String,
+    pub source_role: String,
+    pub target_cluster_id: String,
+    pub target_pg_name: String,
+    pub target_role: String,
+    /// Password of the move's replication role on the source (the subscription connects with it).
+    pub move_password: String,
+    pub requested_by: String,
+    /// A [`move_state`] value.
+    pub state: String,
+    /// Why the move is being rolled back ("" while it goes on).
+    pub abort_reason: String,
+    pub write_pause_ms: i64,
+    pub created_at: String,
+    pub finished_at: String,
 }
 
 /// Where a database created as a point-in-time copy takes its data from.

@@ -3,7 +3,7 @@
 
 use sqlx::SqlitePool;
 
-use super::model::{Backup, Cluster, Database, Host, Member, Operation, RestoreSource, Team};
+use super::model::{Backup, Cluster, Database, Host, Member, Move, Operation, RestoreSource, Team};
 
 /// The team whose token hashes to `token_hash`.
 pub async fn team_by_token_hash(pool: &SqlitePool, token_hash: &str) -> Result<Option<Team>, sqlx::Error> {
@@ -179,4 +179,30 @@ pub async fn archives_to_purge(pool: &SqlitePool, before: &str) -> Result<Vec<Da
         .bind(before)
         .fetch_all(pool)
         .await
+}
+
+/// The move of operation `operation_id`.
+pub async fn move_of(pool: &SqlitePool, operation_id: &str) -> Result<Option<Move>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM moves WHERE operation_id = ?").bind(operation_id).fetch_optional(pool).await
+}
+
+/// Moves that have not ended (copying or switched), oldest first.
+pub async fn running_moves(pool: &SqlitePool) -> Result<Vec<Move>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM moves WHERE state IN ('copying', 'switched') ORDER BY created_at")
+        .fetch_all(pool)
+        .await
+}
+
+/// Live databases (not archived, deleted or failed) with an instance on `host_id`: what a drain
+/// has to move away.
+pub async fn live_databases_on_host(pool: &SqlitePool, host_id: &str) -> Result<Vec<Database>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT d.* FROM databases d
+         WHERE d.state IN ('provisioning', 'active', 'deprecated', 'archiving', 'restoring')
+           AND d.cluster_id IN (SELECT cluster_id FROM cluster_members WHERE host_id = ?)
+         ORDER BY d.created_at, d.id",
+    )
+    .bind(host_id)
+    .fetch_all(pool)
+    .await
 }
