@@ -62,6 +62,7 @@ pub async fn render(node: &RaftNode, m: &Metrics, liveness: &Liveness) -> String
         ("hosts", "steward_hosts"),
         ("operations", "steward_operations"),
         ("backups", "steward_backups"),
+        ("moves", "steward_moves"),
     ] {
         let _ = writeln!(out, "# HELP {metric} Count by state (local replica).\n# TYPE {metric} gauge");
         if let Ok(rows) = query::count_by_state(pool, table).await {

@@ -977,3 +977,7 @@ async fn audit(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "apply_move_tests.rs"]
+mod move_tests;
