@@ -16,14 +16,20 @@ pub mod s3;
 pub mod sim;
 pub mod writer;
 
-/// Path of a workspace binary (built by `cargo build` before the tests run; `make test` does).
+/// Path of a workspace binary (built by `cargo build` before the tests run; `make test` does):
+/// next to the running executable, whether that is a test in `target/<profile>/deps` or a bench
+/// binary in `target/<profile>`; `STEWARD_BIN_DIR` overrides.
 pub fn bin(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("STEWARD_BIN_DIR") {
         return PathBuf::from(dir).join(name);
     }
-    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
     let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        dir
+    };
     profile_dir.join(name)
 }
 
@@ -428,14 +434,15 @@ impl Stack {
                     "127.0.0.1",
                     "--pg-port",
                     &pg_port.to_string(),
-                    "--memory-budget-mb",
-                    "256",
                     "--zone",
                     &letter.to_string(),
                 ]
                 .iter()
                 .map(|s| s.to_string()),
             );
+            if !agent_args.contains(&"--memory-budget-mb") {
+                args.extend(["--memory-budget-mb".to_string(), "256".to_string()]);
+            }
             args.extend(agent_args.iter().map(|s| s.to_string()));
             args.extend(repo_args.iter().cloned());
             let name = if agents == 1 { "agent".to_string() } else { format!("agent-{letter}") };

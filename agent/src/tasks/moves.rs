@@ -255,26 +255,47 @@ pub async fn source_block(side: &MoveSide) -> Result<MoveSourceReply, MoveError>
         stmt.push_str(&format!("REVOKE CONNECT ON DATABASE {db} FROM {};", quote_ident(g)));
     }
     c.batch_execute(&stmt).await.map_err(sql)?;
-    // End every client session in the database but the move's walsender, and wait until each
-    // is gone (PostgreSQL 14+: the timeout form waits). A session that passed its CONNECT check
-    // just before the revoke may show up a moment later: look until a pass finds none.
+    // End every client session in the database but the move's walsender, all at once, and wait
+    // until each is gone (pg_terminate_backend's own wait polls every 100 ms, one session after
+    // the other). A session that passed its CONNECT check just before the revoke may show up a
+    // moment later: look until a pass finds none.
     let mut ended: i64 = 0;
     for _ in 0..5 {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity
-                 WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'
-                   AND usename IS DISTINCT FROM $2",
+        let pids: Vec<i32> = c
+            .query(
+                // Chosen first, terminated after: in one WHERE clause PostgreSQL may call
+                // pg_terminate_backend before the other conditions ruled a session out.
+                "WITH chosen AS MATERIALIZED (
+                     SELECT pid FROM pg_stat_activity
+                     WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+                       AND usename IS DISTINCT FROM $2)
+                 SELECT pid FROM chosen WHERE pg_terminate_backend(pid)",
                 &[&side.database, &name],
             )
             .await
             .map_err(sql)?
-            .get(0);
-        ended += n;
-        if n == 0 {
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if pids.is_empty() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        ended += pids.len() as i64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left: i64 = c
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY ($1)", &[&pids])
+                .await
+                .map_err(sql)?
+                .get(0);
+            if left == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(MoveError::Failed(format!("{left} sessions of {} did not end within 10 s", side.database)));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     // A synchronous commit flushes WAL up to its own record, so every write of the ended
     // sessions (even one committed asynchronously) lies before the flush position read next.

@@ -354,6 +354,7 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<String, Sto
         progress.say("write_block".into()).await?;
         let blocked_at = Instant::now();
         let b = source(ctx, &src, &mv, MoveSourceStep::MoveSourceBlock, quick, |_| {}).await?;
+        let block_took = blocked_at.elapsed();
         let deadline = Instant::now() + BLOCKED_WAIT;
         let mut confirmed = b.confirmed_lsn;
         while confirmed < b.block_lsn {
@@ -371,6 +372,7 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<String, Sto
             }
             confirmed = s.confirmed_lsn;
         }
+        let applied_after = blocked_at.elapsed();
         check_abort(ctx, op).await?;
         target(ctx, &dst, &mv, &db, MoveTargetStep::MoveTargetFinish, quick, |r| {
             r.sequences = b.sequences.clone();
@@ -378,6 +380,9 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<String, Sto
         })
         .await?;
         pause = blocked_at.elapsed();
+        tracing::info!(op = %op.id, sessions_ended = b.sessions_ended, block_ms = block_took.as_millis() as u64,
+            applied_ms = applied_after.as_millis() as u64, finished_ms = pause.as_millis() as u64,
+            "write block: writers blocked, the rest applied on the target, target finished");
     }
 
     progress.say("switch".into()).await?;

@@ -618,13 +618,6 @@ fn run_isolated(
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    // steward_tests::bin() expects a test executable in target/<profile>/deps; this one lives
-    // in target/<profile> next to the daemons.
-    if std::env::var_os("STEWARD_BIN_DIR").is_none() {
-        if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-            std::env::set_var("STEWARD_BIN_DIR", dir);
-        }
-    }
     for b in ["steward-controlplane", "steward-agent"] {
         let p = steward_tests::bin(b);
         if !p.is_file() {
