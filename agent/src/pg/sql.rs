@@ -74,11 +74,14 @@ pub fn alter_replication_role(role: &str, verifier: &str) -> String {
 }
 
 /// The grants the replication role needs beyond streaming: pg_rewind's on its source when it
-/// connects as a non-superuser (see the pg_rewind documentation, PostgreSQL 11+), and
-/// `pg_switch_wal`, which a backup taken from a standby asks the primary for.
-pub fn replication_role_grants(role: &str) -> [String; 5] {
+/// connects as a non-superuser (see the pg_rewind documentation, PostgreSQL 11+),
+/// `pg_switch_wal`, which a backup taken from a standby asks the primary for, and
+/// `pg_control_checkpoint`, which a rejoining old primary reads to wait for the new primary's
+/// first checkpoint on its timeline.
+pub fn replication_role_grants(role: &str) -> [String; 6] {
     let role = quote_ident(role);
     [
+        format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_control_checkpoint() TO {role}"),
         format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_switch_wal() TO {role}"),
         format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO {role}"),
         format!("GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO {role}"),
@@ -162,7 +165,7 @@ mod tests {
         );
         assert!(alter_replication_role("r", "v").starts_with("ALTER ROLE \"r\" WITH LOGIN REPLICATION PASSWORD "));
         assert!(
-            replication_role_grants("r")[4].ends_with("pg_read_binary_file(text, bigint, bigint, boolean) TO \"r\"")
+            replication_role_grants("r")[5].ends_with("pg_read_binary_file(text, bigint, bigint, boolean) TO \"r\"")
         );
         let [revoke, grant] = restrict_connect("db", "app");
         assert_eq!(revoke, "REVOKE CONNECT ON DATABASE \"db\" FROM PUBLIC");

@@ -222,6 +222,7 @@ impl Instance {
             blocking(move || paths::remove_file_if_exists(&signal)).await?;
         }
 
+        wait_for_new_timeline(upstream).await;
         let conninfo = format!(
             "host={} port={} user={} dbname=postgres passfile={} connect_timeout={} application_name=steward-rewind \
              sslmode=prefer",
@@ -351,6 +352,58 @@ impl Instance {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
+}
+
+/// Waits (up to 60 s) until the upstream's last checkpoint is on its current timeline. pg_rewind
+/// reads the source's timeline from its pg_control, which a promotion updates only at the next
+/// checkpoint: before that, pg_rewind finds "the same timeline", rewinds nothing, and the old
+/// primary then refuses to follow ("requested timeline is not a child of this server's
+/// history"). The promoting agent checkpoints at once, but under load the rejoin can come first.
+async fn wait_for_new_timeline(upstream: &Upstream) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match upstream_timelines(upstream).await {
+            Ok((checkpoint, current)) if checkpoint == current => return,
+            Ok((checkpoint, current)) => last = format!("checkpoint on timeline {checkpoint}, WAL on {current}"),
+            // An upstream whose role lacks the grant (made by an older agent), or one that cannot be
+            // asked: pg_rewind decides alone, as it always did.
+            Err(e) => {
+                tracing::debug!(upstream = %upstream.endpoint(), error = %e, "cannot read the upstream's timelines");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::warn!(upstream = %upstream.endpoint(), %last, "the upstream did not checkpoint its new timeline in 60 s");
+}
+
+/// The upstream's (checkpoint timeline, current WAL timeline), asked as the replication role.
+async fn upstream_timelines(upstream: &Upstream) -> Result<(u32, u32), String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&upstream.host)
+        .port(upstream.port)
+        .user(REPLICATION_ROLE)
+        .password(upstream.password.as_bytes())
+        .dbname("postgres")
+        .application_name("steward-rewind")
+        .connect_timeout(Duration::from_secs(5));
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| super::sql::describe(&e))?;
+    let task = tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT (SELECT timeline_id FROM pg_control_checkpoint()),
+                    substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+            &[],
+        )
+        .await
+        .map_err(|e| super::sql::describe(&e));
+    task.abort();
+    let row = row?;
+    let checkpoint: i32 = row.get(0);
+    let current: String = row.get(1);
+    let current = u32::from_str_radix(&current, 16).map_err(|e| format!("timeline {current:?}: {e}"))?;
+    Ok((u32::try_from(checkpoint).unwrap_or(0), current))
 }
 
 fn ignore_not_found(e: std::io::Error) -> std::io::Result<()> {
