@@ -364,7 +364,13 @@ async fn wait_for_new_timeline(upstream: &Upstream) {
     let mut last = String::new();
     while Instant::now() < deadline {
         match upstream_timelines(upstream).await {
-            Ok((checkpoint, current)) if checkpoint == current => return,
+            Ok((checkpoint, current)) if checkpoint == current => {
+                if !last.is_empty() {
+                    tracing::info!(upstream = %upstream.endpoint(), timeline = current,
+                        "the upstream checkpointed its new timeline: rewinding");
+                }
+                return;
+            }
             Ok((checkpoint, current)) => last = format!("checkpoint on timeline {checkpoint}, WAL on {current}"),
             // An upstream whose role lacks the grant (made by an older agent), or one that cannot be
             // asked: pg_rewind decides alone, as it always did.
