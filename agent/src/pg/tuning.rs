@@ -176,7 +176,7 @@ mod tests {
         let r = tuning_for(512 * MIB, 2).render();
         assert!(r.contains("shared_buffers = '128MB'\n"), "{r}");
         assert!(r.contains("max_wal_size = '1GB'\n"), "{r}");
-        assert!(r.contains("wal_level = replica\n"));
+        assert!(r.contains("wal_level = logical\n"));
         assert!(r.contains("wal_log_hints = on\n"));
         assert!(r.contains("max_wal_senders = 10\n"));
         assert!(r.contains("max_replication_slots = 10\n"));

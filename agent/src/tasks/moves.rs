@@ -74,6 +74,19 @@ impl MoveSide {
         Ok(c.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&self.database]).await.map_err(sql)?.is_some())
     }
 
+    /// Drops the database and its owner role (kept, with a warning, if it owns something
+    /// elsewhere), and the move's scratch directory.
+    async fn drop_database_and_role(&self, c: &Client, side: &str) -> Result<(), MoveError> {
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&self.database)))
+            .await
+            .map_err(sql)?;
+        if let Err(e) = c.batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(&self.role))).await {
+            tracing::warn!(role = %self.role, error = %describe(&e), "the moved database's role stays on the {side}");
+        }
+        dumps::remove_dir(&self.work_dir).await;
+        Ok(())
+    }
+
     async fn size(&self, c: &Client) -> Result<u64, MoveError> {
         let row = c
             .query_one(
@@ -416,14 +429,7 @@ pub async fn source_unblock(side: &MoveSide) -> Result<MoveSourceReply, MoveErro
 pub async fn source_drop(side: &MoveSide) -> Result<MoveSourceReply, MoveError> {
     let c = side.client().await?;
     remove_move_objects(side, &c).await?;
-    c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&side.database)))
-        .await
-        .map_err(sql)?;
-    // The owner role belongs to this database only; if it owns something elsewhere, keep it.
-    if let Err(e) = c.batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(&side.role))).await {
-        tracing::warn!(role = %side.role, error = %describe(&e), "the moved database's role stays on the source");
-    }
-    dumps::remove_dir(&side.work_dir).await;
+    side.drop_database_and_role(&c, "source").await?;
     tracing::info!(database = %side.database, "moved database removed from the source");
     Ok(MoveSourceReply::default())
 }
@@ -671,13 +677,7 @@ pub async fn target_finish(
 pub async fn target_abort(side: &MoveSide) -> Result<MoveTargetReply, MoveError> {
     drop_subscription(side).await?;
     let c = side.client().await?;
-    c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&side.database)))
-        .await
-        .map_err(sql)?;
-    if let Err(e) = c.batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(&side.role))).await {
-        tracing::warn!(role = %side.role, error = %describe(&e), "the aborted move's role stays on the target");
-    }
-    dumps::remove_dir(&side.work_dir).await;
+    side.drop_database_and_role(&c, "target").await?;
     tracing::info!(database = %side.database, "move aborted on the target");
     Ok(MoveTargetReply::default())
 }
