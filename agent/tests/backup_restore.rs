@@ -10,6 +10,17 @@ use steward_agent::backup::{self, BackupKind, BackupOptions, RecoveryTarget, Rep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_and_incremental_backups_restore_to_a_point_in_time() {
+    full_and_incremental(backup::base::STREAM_ABOVE).await;
+}
+
+/// The same with every file streamed through spool files, as relation segments above 64 MiB
+/// are: the objects and checksums must be what the in-memory path makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_full_and_incremental_backups_restore_to_a_point_in_time() {
+    full_and_incremental(0).await;
+}
+
+async fn full_and_incremental(stream_above: u64) {
     let lab = common::Lab::new("steward-backup");
     let stanza = "backup-test";
     let (inst, _stop) = lab.instance("source", stanza, true);
@@ -30,7 +41,7 @@ async fn full_and_incremental_backups_restore_to_a_point_in_time() {
     client.batch_execute("VACUUM (FREEZE, ANALYZE) big").await.expect("vacuum");
 
     // Full backup.
-    let opts = BackupOptions { parallel: 2, ..Default::default() };
+    let opts = BackupOptions { parallel: 2, stream_above, ..Default::default() };
     let full = backup::take(&inst, &repo, stanza, opts.clone()).await.expect("full backup");
     assert_eq!(full.kind, BackupKind::Full);
     assert!(full.size_bytes > 20 << 20, "the table alone is ~20 MiB: {}", full.size_bytes);

@@ -60,6 +60,8 @@ pub struct BackupOptions {
     pub primary: Option<crate::pg::Upstream>,
     /// Backing up a standby: how long to wait for that segment to reach the archive.
     pub wal_wait: Duration,
+    /// Files larger than this go through a spool file in bounded memory ([`STREAM_ABOVE`]).
+    pub stream_above: u64,
 }
 
 impl Default for BackupOptions {
@@ -71,6 +73,7 @@ impl Default for BackupOptions {
             parallel: 2,
             primary: None,
             wal_wait: Duration::from_secs(300),
+            stream_above: STREAM_ABOVE,
         }
     }
 }
@@ -169,19 +172,35 @@ pub(crate) fn walk(pg_data: &Path) -> Result<(Vec<String>, Vec<Found>), BackupEr
     Ok((dirs, files))
 }
 
+/// Files larger than this are read, hashed and compressed a chunk at a time through a spool
+/// file instead of in memory (relation segments grow to 1 GiB).
+pub const STREAM_ABOVE: u64 = 64 << 20;
+
+/// What one read of a streamed file takes (a whole number of pages).
+const CHUNK: usize = 1 << 20;
+
+/// An object to store: in memory, or made in a spool file (removed once stored).
+enum Object {
+    Bytes(Vec<u8>),
+    Spooled(PathBuf),
+}
+
 /// What the backup stores for one file, decided off the async runtime.
 enum Prepared {
     /// Vanished during the backup (a dropped relation): WAL replay accounts for it.
     Gone,
     Entry {
         entry: FileEntry,
-        object: Option<(String, Vec<u8>)>,
+        object: Option<(String, Object)>,
     },
 }
 
 struct FileJob {
     found: Found,
     abs: PathBuf,
+    /// Where large files' objects are made, and what counts as large.
+    spool: PathBuf,
+    stream_above: u64,
     index: usize,
     dir: String,
     prior: Option<FileEntry>,
@@ -192,6 +211,12 @@ struct FileJob {
 }
 
 fn prepare(job: FileJob) -> Result<Prepared, BackupError> {
+    match std::fs::metadata(&job.abs) {
+        Ok(m) if m.len() > job.stream_above => return prepare_streamed(job),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Prepared::Gone),
+        Err(e) => return Err(BackupError::io("stat", &job.abs, e)),
+    }
     let data = match std::fs::read(&job.abs) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Prepared::Gone),
@@ -222,7 +247,7 @@ fn prepare(job: FileJob) -> Result<Prepared, BackupError> {
                     stored_bytes: packed.len() as u64,
                     pages: changed.len() as u32,
                 };
-                return Ok(Prepared::Entry { entry: entry(source), object: Some((key, packed)) });
+                return Ok(Prepared::Entry { entry: entry(source), object: Some((key, Object::Bytes(packed))) });
             }
         }
     }
@@ -233,7 +258,141 @@ fn prepare(job: FileJob) -> Result<Prepared, BackupError> {
     let key = format!("{}/{:06}.{}", job.dir, job.index, job.compression.extension());
     let source =
         FileSource::Whole { key: key.clone(), compression: job.compression, stored_bytes: packed.len() as u64 };
-    Ok(Prepared::Entry { entry: entry(source), object: Some((key, packed)) })
+    Ok(Prepared::Entry { entry: entry(source), object: Some((key, Object::Bytes(packed))) })
+}
+
+/// Reads everything from `inner`, hashing and counting it on the way.
+struct Hashing<R> {
+    inner: R,
+    sha: Sha256,
+    bytes: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// [`prepare`] for a large file, in bounded memory: one read that hashes it (and, for a
+/// relation with a prior backup, writes its changed pages to a spool file), then, unless it is
+/// unchanged or the changed pages make a small enough delta, a second read that hashes and
+/// compresses it whole into a spool file. Each entry's checksum comes from the same read as
+/// what is stored.
+fn prepare_streamed(job: FileJob) -> Result<Prepared, BackupError> {
+    use std::io::{BufWriter, Read, Write};
+    let open = |path: &Path| match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(BackupError::io("read", path, e)),
+    };
+    let spool_io = |path: &Path, e: std::io::Error| BackupError::io("write", path, e);
+    let ext = job.compression.extension();
+    if let Some(prior) = &job.prior {
+        let delta = pages::is_relation_main_fork(&job.found.rel) && job.block_size > 0;
+        let raw_path = job.spool.join(format!("{:06}.pages.raw", job.index));
+        let Some(mut file) = open(&job.abs)? else { return Ok(Prepared::Gone) };
+        let mut raw = if delta {
+            let f = std::fs::File::create(&raw_path).map_err(|e| spool_io(&raw_path, e))?;
+            Some(BufWriter::with_capacity(CHUNK, f))
+        } else {
+            None
+        };
+        let (bs, prior_pages) = (job.block_size.max(1), prior.size / job.block_size.max(1) as u64);
+        let mut sha = Sha256::new();
+        let (mut size, mut page_no, mut changed) = (0u64, 0u64, 0u32);
+        let mut buf = vec![0u8; CHUNK - CHUNK % bs];
+        loop {
+            // Fill the buffer (short reads happen) so pages never straddle two reads.
+            let mut n = 0;
+            while n < buf.len() {
+                match file.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => return Err(BackupError::io("read", &job.abs, e)),
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            sha.update(&buf[..n]);
+            size += n as u64;
+            if let Some(out) = raw.as_mut() {
+                for page in buf[..n].chunks(bs) {
+                    if pages::changed(page, page_no, bs, prior_pages, job.since_lsn) {
+                        let mut padded = page.to_vec();
+                        padded.resize(bs, 0);
+                        out.write_all(&(page_no as u32).to_le_bytes()).map_err(|e| spool_io(&raw_path, e))?;
+                        out.write_all(&padded).map_err(|e| spool_io(&raw_path, e))?;
+                        changed += 1;
+                    }
+                    page_no += 1;
+                }
+            }
+            if n < buf.len() {
+                break;
+            }
+        }
+        let sha256 = hex::encode(sha.finalize());
+        let entry = |source| FileEntry {
+            path: job.found.rel.clone(),
+            size,
+            sha256: sha256.clone(),
+            mode: job.found.mode,
+            source,
+        };
+        let raw_done = raw.map(|w| w.into_inner().map_err(|e| spool_io(&raw_path, e.into_error())));
+        if prior.sha256 == sha256 && prior.size == size {
+            let _ = std::fs::remove_file(&raw_path);
+            return Ok(Prepared::Entry { entry: entry(FileSource::Prior), object: None });
+        }
+        if let Some(raw_file) = raw_done {
+            drop(raw_file?);
+            if u64::from(changed) * 2 < page_no {
+                let key = format!("{}/{:06}.pages.{ext}", job.dir, job.index);
+                let packed = job.spool.join(format!("{:06}.pages.{ext}", job.index));
+                let header = pages::header(bs, size, changed);
+                let mut src = (&header[..]).chain(std::fs::File::open(&raw_path).map_err(|e| spool_io(&raw_path, e))?);
+                let stored = compress_to(&mut src, &packed, &job)?;
+                let _ = std::fs::remove_file(&raw_path);
+                let source = FileSource::Pages {
+                    key: key.clone(),
+                    compression: job.compression,
+                    stored_bytes: stored,
+                    pages: changed,
+                };
+                return Ok(Prepared::Entry { entry: entry(source), object: Some((key, Object::Spooled(packed))) });
+            }
+            let _ = std::fs::remove_file(&raw_path);
+        }
+    }
+    let Some(file) = open(&job.abs)? else { return Ok(Prepared::Gone) };
+    let key = format!("{}/{:06}.{ext}", job.dir, job.index);
+    let packed = job.spool.join(format!("{:06}.{ext}", job.index));
+    let mut src = Hashing { inner: std::io::BufReader::with_capacity(CHUNK, file), sha: Sha256::new(), bytes: 0 };
+    let stored = compress_to(&mut src, &packed, &job)?;
+    let entry = FileEntry {
+        path: job.found.rel.clone(),
+        size: src.bytes,
+        sha256: hex::encode(src.sha.finalize()),
+        mode: job.found.mode,
+        source: FileSource::Whole { key: key.clone(), compression: job.compression, stored_bytes: stored },
+    };
+    Ok(Prepared::Entry { entry, object: Some((key, Object::Spooled(packed))) })
+}
+
+/// Compresses what `src` yields into the spool file `packed`; returns its size.
+fn compress_to(src: &mut dyn std::io::Read, packed: &Path, job: &FileJob) -> Result<u64, BackupError> {
+    let out = std::fs::File::create(packed).map_err(|e| BackupError::io("write", packed, e))?;
+    let mut out = std::io::BufWriter::with_capacity(CHUNK, out);
+    job.compression
+        .compress_stream(src, &mut out, job.level)
+        .map_err(|source| BackupError::Compress { name: job.found.rel.clone(), source })?;
+    let out = out.into_inner().map_err(|e| BackupError::io("write", packed, e.into_error()))?;
+    Ok(out.metadata().map_err(|e| BackupError::io("stat", packed, e))?.len())
 }
 
 async fn query_one(
@@ -306,11 +465,16 @@ pub async fn take(
     let (directories, found) =
         tokio::task::spawn_blocking(move || walk(&walk_dir)).await.map_err(|e| BackupError::Task(e.to_string()))??;
     let since_lsn = prior.as_ref().and_then(|p| parse_lsn(&p.start_lsn)).unwrap_or(0);
+    // Large files' objects are made here, next to PGDATA (the same disk, so the space is there).
+    let spool = pg_data.parent().unwrap_or(&pg_data).join(format!(".backup-spool-{label}"));
+    tokio::fs::create_dir_all(&spool).await.map_err(|e| BackupError::io("create", &spool, e))?;
     let jobs: Vec<FileJob> = found
         .into_iter()
         .enumerate()
         .map(|(index, found)| FileJob {
             abs: pg_data.join(&found.rel),
+            spool: spool.clone(),
+            stream_above: opts.stream_above,
             prior: prior.as_ref().and_then(|p| p.file(&found.rel).cloned()),
             found,
             index,
@@ -332,22 +496,34 @@ pub async fn take(
         match prepared {
             Prepared::Gone => Ok(None),
             Prepared::Entry { entry, object } => {
-                if let Some((key, bytes)) = object {
-                    repo.put(&key, bytes).await?;
+                match object {
+                    Some((key, Object::Bytes(bytes))) => repo.put(&key, bytes).await?,
+                    Some((key, Object::Spooled(file))) => {
+                        let stored = repo.put_file(&key, &file).await;
+                        let _ = tokio::fs::remove_file(&file).await;
+                        stored?;
+                    }
+                    None => {}
                 }
                 Ok::<_, BackupError>(Some(entry))
             }
         }
     };
-    let mut files: Vec<FileEntry> = stream::iter(jobs)
-        .map(store)
-        .buffer_unordered(opts.parallel.max(1))
-        .try_filter_map(|e| async move { Ok(e) })
-        .try_collect()
-        .await?;
-    for job in last {
-        files.extend(store(job).await?);
+    let copied = async {
+        let mut files: Vec<FileEntry> = stream::iter(jobs)
+            .map(store)
+            .buffer_unordered(opts.parallel.max(1))
+            .try_filter_map(|e| async move { Ok(e) })
+            .try_collect()
+            .await?;
+        for job in last {
+            files.extend(store(job).await?);
+        }
+        Ok::<_, BackupError>(files)
     }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&spool).await;
+    let mut files = copied?;
     files.sort_by(|a, b| a.path.cmp(&b.path));
 
     // Stop: PostgreSQL waits until the WAL up to the stop position is archived.

@@ -54,6 +54,27 @@ impl Compression {
         }
     }
 
+    /// Compresses everything `src` yields into `dst` (what [`Compression::compress`] makes, in
+    /// bounded memory).
+    pub fn compress_stream(self, src: &mut dyn Read, dst: &mut dyn Write, level: i32) -> std::io::Result<()> {
+        match self {
+            Compression::Zstd => {
+                let mut enc = zstd::stream::write::Encoder::new(dst, level)?;
+                std::io::copy(src, &mut enc)?;
+                enc.finish()?;
+            }
+            Compression::Lz4 => {
+                let mut enc = lz4_flex::frame::FrameEncoder::new(dst);
+                std::io::copy(src, &mut enc)?;
+                enc.finish().map_err(std::io::Error::other)?;
+            }
+            Compression::None => {
+                std::io::copy(src, dst)?;
+            }
+        }
+        Ok(())
+    }
+
     /// A reader of the decompressed contents of `data`, for streaming large objects.
     pub fn reader<'a>(self, data: &'a [u8]) -> std::io::Result<Box<dyn Read + 'a>> {
         Ok(match self {

@@ -38,18 +38,33 @@ pub fn is_relation_main_fork(path: &str) -> bool {
 pub fn changed_pages(data: &[u8], page_size: usize, prior_pages: u64, since_lsn: u64) -> Vec<u32> {
     data.chunks(page_size)
         .enumerate()
-        .filter(|(i, page)| *i as u64 >= prior_pages || page.len() < page_size || page_lsn(page) >= since_lsn)
+        .filter(|(i, page)| changed(page, *i as u64, page_size, prior_pages, since_lsn))
         .map(|(i, _)| i as u32)
         .collect()
+}
+
+/// The header of a delta of `count` pages of `page_size` bytes, of a file of `file_size` bytes;
+/// each page follows as its number (u32 LE) and its bytes.
+pub fn header(page_size: usize, file_size: u64, count: u32) -> [u8; 24] {
+    let mut h = [0u8; 24];
+    h[0..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&(page_size as u32).to_le_bytes());
+    h[12..20].copy_from_slice(&file_size.to_le_bytes());
+    h[20..24].copy_from_slice(&count.to_le_bytes());
+    h
+}
+
+/// Whether the page `number` of a file is stored in a delta since `since_lsn`: every page at or
+/// past `prior_pages` (the file grew), a partial last page, and every page stamped at or after
+/// `since_lsn`.
+pub fn changed(page: &[u8], number: u64, page_size: usize, prior_pages: u64, since_lsn: u64) -> bool {
+    number >= prior_pages || page.len() < page_size || page_lsn(page) >= since_lsn
 }
 
 /// Encodes the listed pages of `data`.
 pub fn encode(data: &[u8], page_size: usize, pages: &[u32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(24 + pages.len() * (page_size + 4));
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(page_size as u32).to_le_bytes());
-    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header(page_size, data.len() as u64, pages.len() as u32));
     for &p in pages {
         let start = p as usize * page_size;
         let page = &data[start..(start + page_size).min(data.len())];

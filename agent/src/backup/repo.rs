@@ -4,7 +4,6 @@
 //! backend ([`super::s3`]) keeps the same keys as objects in a bucket.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -127,6 +126,22 @@ impl Repository {
                 blocking(move || p.put(&key, &data)).await
             }
             Repository::S3(s) => s.put(key, data).await,
+        }
+    }
+
+    /// Stores the contents of the local file `file` under `key`, as [`Repository::put`] does,
+    /// without holding it in memory (large backup objects are made in a spool file first).
+    pub async fn put_file(&self, key: &str, file: &Path) -> Result<(), BackupError> {
+        check_key(key)?;
+        match self {
+            Repository::Posix(p) => {
+                let (p, key, file) = (p.clone(), key.to_string(), file.to_path_buf());
+                blocking(move || {
+                    p.put_from(&key, &mut fs::File::open(&file).map_err(|e| BackupError::io("open", &file, e))?)
+                })
+                .await
+            }
+            Repository::S3(s) => s.put_file(key, file).await,
         }
     }
 
@@ -318,9 +333,13 @@ impl PosixRepo {
         self.root.join(key)
     }
 
-    /// Write to a temporary file, fsync, rename into place, fsync the directory; directories
-    /// created on the way are fsynced into their parents too.
-    fn put(&self, key: &str, data: &[u8]) -> Result<(), BackupError> {
+    fn put(&self, key: &str, mut data: &[u8]) -> Result<(), BackupError> {
+        self.put_from(key, &mut data)
+    }
+
+    /// Write what `source` yields to a temporary file, fsync, rename into place, fsync the
+    /// directory; directories created on the way are fsynced into their parents too.
+    fn put_from(&self, key: &str, source: &mut dyn std::io::Read) -> Result<(), BackupError> {
         let path = self.path(key);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         self.create_dirs(&dir)?;
@@ -329,7 +348,7 @@ impl PosixRepo {
         let tmp = dir.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
         let written = (|| {
             let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(&tmp)?;
-            f.write_all(data)?;
+            std::io::copy(source, &mut f)?;
             f.sync_all()
         })();
         if let Err(e) = written {

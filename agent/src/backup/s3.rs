@@ -371,13 +371,38 @@ impl S3Repo {
             return Ok(());
         }
         let bytes = bytes::Bytes::from(data);
+        let mut start = 0;
+        self.multipart(key, || {
+            let part = (start < bytes.len()).then(|| bytes.slice(start..(start + PART_SIZE).min(bytes.len())));
+            start += PART_SIZE;
+            std::future::ready(Ok(part))
+        })
+        .await
+    }
+
+    /// A multipart upload of the parts `next` yields until it yields None; aborted (so nothing
+    /// becomes visible) if a part or the completion fails.
+    async fn multipart<F, Fut>(&self, key: &str, mut next: F) -> Result<(), BackupError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<bytes::Bytes>, BackupError>>,
+    {
+        let path = self.path(key)?;
         let mut upload = self.store.put_multipart(&path).await.map_err(|e| self.err("start upload of", key, e))?;
         let mut sent = Ok(());
-        for start in (0..bytes.len()).step_by(PART_SIZE) {
-            let part = bytes.slice(start..(start + PART_SIZE).min(bytes.len()));
-            if let Err(e) = upload.put_part(PutPayload::from(part)).await {
-                sent = Err(self.err("upload part of", key, e));
-                break;
+        loop {
+            match next().await {
+                Ok(Some(part)) => {
+                    if let Err(e) = upload.put_part(PutPayload::from(part)).await {
+                        sent = Err(self.err("upload part of", key, e));
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    sent = Err(e);
+                    break;
+                }
             }
         }
         if sent.is_ok() {
@@ -390,6 +415,24 @@ impl S3Repo {
             return Err(err);
         }
         Ok(())
+    }
+
+    /// Like [`S3Repo::put`], from a local file read one part at a time.
+    pub async fn put_file(&self, key: &str, file: &std::path::Path) -> Result<(), BackupError> {
+        use tokio::io::AsyncReadExt;
+        let io = |e: std::io::Error| BackupError::io("read", file, e);
+        let len = tokio::fs::metadata(file).await.map_err(io)?.len();
+        if len <= MULTIPART_THRESHOLD as u64 {
+            return self.put(key, tokio::fs::read(file).await.map_err(io)?).await;
+        }
+        let f = tokio::sync::Mutex::new(tokio::fs::File::open(file).await.map_err(io)?);
+        self.multipart(key, || async {
+            let mut part = Vec::with_capacity(PART_SIZE);
+            let mut f = f.lock().await;
+            (&mut *f).take(PART_SIZE as u64).read_to_end(&mut part).await.map_err(io)?;
+            Ok((!part.is_empty()).then(|| bytes::Bytes::from(part)))
+        })
+        .await
     }
 
     /// The object under `key`, or None. A large object is read in [`PART_SIZE`] ranges, each
