@@ -131,6 +131,88 @@ pub fn apply_to_file(file: &std::fs::File, delta: &[u8]) -> Result<u64, String> 
     Ok(size)
 }
 
+/// Several deltas laid over a base file (oldest first), to be merged into the base as it is
+/// streamed, so a file is written and hashed once: what [`apply`] of each delta in turn makes,
+/// without the base in memory. Each delta cuts or extends the file to its recorded size, so a
+/// byte of the base survives only below the smallest size since, and a page of a delta only
+/// below the smallest size of the deltas after it.
+pub struct Overlay<'a> {
+    page_size: usize,
+    size: u64,
+    /// Base bytes at or past this are gone (zero, unless a page covers them).
+    base_cut: u64,
+    pages: std::collections::BTreeMap<u64, &'a [u8]>,
+}
+
+impl<'a> Overlay<'a> {
+    /// The overlay of `deltas`, oldest first (at least one); errors name what is wrong.
+    pub fn new(deltas: &'a [Vec<u8>]) -> Result<Self, String> {
+        let mut o = Overlay { page_size: 0, size: 0, base_cut: u64::MAX, pages: Default::default() };
+        for delta in deltas {
+            let (page_size, size, count) = parse_header(delta)?;
+            if o.page_size != 0 && o.page_size != page_size {
+                return Err(format!("page deltas of {} and {page_size} byte pages", o.page_size));
+            }
+            o.page_size = page_size;
+            let ps = page_size as u64;
+            // Pages (and base bytes) at or past the new end were cut off by this delta.
+            let first_cut = size.div_ceil(ps);
+            let cut: Vec<u64> = o.pages.range(first_cut..).map(|(n, _)| *n).collect();
+            for n in cut {
+                o.pages.remove(&n);
+            }
+            if let Some(&last) = o.pages.keys().next_back() {
+                // A partial last page keeps only what lies below the new size.
+                if (last + 1) * ps > size {
+                    let keep = (size - last * ps) as usize;
+                    if let Some(p) = o.pages.get_mut(&last) {
+                        *p = &p[..keep.min(p.len())];
+                    }
+                }
+            }
+            o.base_cut = o.base_cut.min(size);
+            for i in 0..count {
+                let at = 24 + i * (4 + page_size);
+                let n = u64::from(le32(&delta[at..at + 4]));
+                if n * ps >= size {
+                    return Err(format!("page {n} lies past the file's end ({size} bytes)"));
+                }
+                let len = ps.min(size - n * ps) as usize;
+                o.pages.insert(n, &delta[at + 4..at + 4 + len]);
+            }
+            o.size = size;
+        }
+        if o.page_size == 0 {
+            return Err("no page delta to lay over".into());
+        }
+        Ok(o)
+    }
+
+    /// The file's size once every delta is laid over.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Makes `chunk`, which holds the base's bytes from `offset` (zeros past the base's end),
+    /// what the rebuilt file holds there.
+    pub fn apply(&self, chunk: &mut [u8], offset: u64) {
+        let end = offset + chunk.len() as u64;
+        if end > self.base_cut {
+            let from = self.base_cut.saturating_sub(offset) as usize;
+            chunk[from..].fill(0);
+        }
+        let ps = self.page_size as u64;
+        for (&n, page) in self.pages.range(offset / ps..end.div_ceil(ps)) {
+            let start = n * ps;
+            let (from, to) = (start.max(offset), (start + page.len() as u64).min(end));
+            if from < to {
+                let src = &page[(from - start) as usize..(to - start) as usize];
+                chunk[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +270,50 @@ mod tests {
         let delta = encode(&new, 64, &changed_pages(&new, 64, 3, 250));
         assert_eq!(apply_to_file(&f, &delta).unwrap(), new.len() as u64);
         assert_eq!(std::fs::read(&path).unwrap(), new);
+    }
+
+    /// Streams `base` in odd-sized chunks through an overlay of `deltas`.
+    fn merged(base: &[u8], deltas: &[Vec<u8>], chunk: usize) -> Vec<u8> {
+        let o = Overlay::new(deltas).unwrap();
+        let size = o.size() as usize;
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < size {
+            let n = chunk.min(size - offset);
+            let mut c = vec![0u8; n];
+            let have = base.len().saturating_sub(offset).min(n);
+            if have > 0 {
+                c[..have].copy_from_slice(&base[offset..offset + have]);
+            }
+            o.apply(&mut c, offset as u64);
+            out.extend_from_slice(&c);
+            offset += n;
+        }
+        out
+    }
+
+    #[test]
+    fn an_overlay_rebuilds_what_applying_each_delta_does() {
+        let v1: Vec<u8> = [page(100, 1), page(200, 2), page(300, 3), page(310, 5)].concat();
+        // shrink to 2 pages (page 1 changed)
+        let v2: Vec<u8> = [page(100, 1), page(400, 6)].concat();
+        // grow to 5 pages and a half: page 0 changed, pages 2-4 new
+        let mut v3: Vec<u8> = [page(500, 7), page(400, 6), page(510, 8), page(520, 9), page(530, 10)].concat();
+        v3.extend_from_slice(&[11u8; 32]);
+        let d2 = encode(&v2, 64, &changed_pages(&v2, 64, 4, 350));
+        let d3 = encode(&v3, 64, &changed_pages(&v3, 64, 2, 450));
+        let deltas = vec![d2, d3];
+        let want = apply(apply(v1.clone(), &deltas[0]).unwrap(), &deltas[1]).unwrap();
+        assert_eq!(want, v3);
+        for chunk in [1, 7, 64, 100, 1000] {
+            assert_eq!(merged(&v1, &deltas, chunk), want, "chunk {chunk}");
+        }
+        // The base's third page must not come back when a later delta grows the file again.
+        let d_only_grow = encode(&v3, 64, &[0, 2, 3, 4, 5]);
+        let deltas = vec![deltas[0].clone(), d_only_grow];
+        let want = apply(apply(v1.clone(), &deltas[0]).unwrap(), &deltas[1]).unwrap();
+        assert_eq!(merged(&v1, &deltas, 50), want);
+        assert!(Overlay::new(&[]).is_err());
+        assert!(Overlay::new(&[b"garbage".to_vec()]).is_err());
     }
 }

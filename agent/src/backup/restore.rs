@@ -180,9 +180,9 @@ async fn fetch_objects(
     Ok((base, out))
 }
 
-/// Writes one file from its objects, streaming the whole-file object (bounded memory, hashing
-/// as it goes), laying the deltas over it in place, and checking size and SHA-256 against the
-/// manifest before it counts as restored.
+/// Writes one file from its objects: the whole-file object streamed (bounded memory) with the
+/// deltas' pages merged in on the way, hashed as it is written, and checked for size and
+/// SHA-256 against the manifest before it counts as restored.
 fn restore_file(
     path: &Path,
     f: &FileEntry,
@@ -192,14 +192,45 @@ fn restore_file(
 ) -> Result<(), BackupError> {
     use std::io::Read;
     let corrupt = |key: &str, why: String| BackupError::Corrupt { key: key.to_string(), why };
+    let unpacked: Vec<Vec<u8>> = deltas
+        .iter()
+        .map(|(key, compression, packed)| {
+            compression
+                .decompress(packed, super::archive::MAX_OBJECT_BYTES * 2)
+                .map_err(|e| corrupt(key, format!("does not decompress: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let overlay = if unpacked.is_empty() {
+        None
+    } else {
+        let last_key = deltas.last().map(|d| d.0.as_str()).unwrap_or_default();
+        Some(pages::Overlay::new(&unpacked).map_err(|why| corrupt(last_key, why))?)
+    };
     let mut file = create_private(path)?;
     let (key, compression, packed) = base;
     let mut reader = compression.reader(packed).map_err(|e| corrupt(key, format!("does not decompress: {e}")))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0u64;
+    let mut base_done = false;
     loop {
-        let n = reader.read(&mut buf).map_err(|e| corrupt(key, format!("does not decompress: {e}")))?;
+        // Fill the buffer from the base (zeros once it ends), cut at the rebuilt size.
+        let want = match &overlay {
+            Some(o) => (o.size().saturating_sub(written)).min(buf.len() as u64) as usize,
+            None => buf.len(),
+        };
+        let mut n = 0;
+        while n < want && !base_done {
+            match reader.read(&mut buf[n..want]).map_err(|e| corrupt(key, format!("does not decompress: {e}")))? {
+                0 => base_done = true,
+                k => n += k,
+            }
+        }
+        if let Some(o) = &overlay {
+            buf[n..want].fill(0);
+            n = want;
+            o.apply(&mut buf[..n], written);
+        }
         if n == 0 {
             break;
         }
@@ -210,16 +241,7 @@ fn restore_file(
         hasher.update(&buf[..n]);
         file.write_all(&buf[..n]).map_err(|e| BackupError::io("write", path, e))?;
     }
-    if !deltas.is_empty() {
-        for (key, compression, packed) in deltas {
-            let delta = compression
-                .decompress(packed, super::archive::MAX_OBJECT_BYTES * 2)
-                .map_err(|e| corrupt(key, format!("does not decompress: {e}")))?;
-            written = pages::apply_to_file(&file, &delta).map_err(|why| corrupt(key, why))?;
-        }
-    }
-    // with deltas laid over, hash what the file holds now (it is in the page cache)
-    let sha = if deltas.is_empty() { hex::encode(hasher.finalize()) } else { sha256_file(path, &mut buf)? };
+    let sha = hex::encode(hasher.finalize());
     if sha != f.sha256 || written != f.size {
         let _ = std::fs::remove_file(path);
         return Err(corrupt(
