@@ -15,7 +15,7 @@ use steward_proto::v1::{ClusterInfo, ListClustersRequest};
 
 use crate::netns::{Host, Lab};
 use crate::sim::{op_req, operator};
-use crate::{admin_token, wait_for, wait_leader, Node, Proc, Rest, Scratch};
+use crate::{admin_token, wait_for, Node, Proc, Rest, Scratch};
 
 /// The fleet; dropping it kills everything and removes the namespaces.
 pub struct Fleet {
@@ -79,15 +79,8 @@ impl Fleet {
         let ip = lab.bridge_ip().to_string();
         let mut nodes: Vec<Node> =
             (1..=cp as u64).map(|id| Node::new_on(&ip, &root, id, &token_file, cp_args)).collect();
-        let members: Vec<String> = nodes.iter().map(Node::member).collect();
-        for node in nodes.iter_mut() {
-            for m in &members {
-                node.args.extend(["--initial-member".to_string(), m.clone()]);
-            }
-            node.start()?;
-        }
         let rest = Rest::default();
-        wait_leader(&rest, &nodes.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await?;
+        crate::start_group(&mut nodes, &rest).await?;
         let mut hosts = Vec::new();
         for i in 1..=n {
             hosts.push(lab.host(i)?);

@@ -248,6 +248,20 @@ impl Node {
     }
 }
 
+/// Starts `nodes` as one control-plane group (each lists all as `--initial-member`) and waits
+/// until they agree on a leader.
+pub async fn start_group(nodes: &mut [Node], rest: &Rest) -> Result<()> {
+    let members: Vec<String> = nodes.iter().map(Node::member).collect();
+    for node in nodes.iter_mut() {
+        for m in &members {
+            node.args.extend(["--initial-member".to_string(), m.clone()]);
+        }
+        node.start()?;
+    }
+    wait_leader(rest, &nodes.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await?;
+    Ok(())
+}
+
 /// Writes a fresh admin token file and returns (path, token).
 pub fn admin_token(root: &Path) -> Result<(PathBuf, String)> {
     let token = format!("adm_test_{}", std::process::id());
@@ -394,15 +408,8 @@ impl Stack {
     ) -> Result<Self> {
         let (token_file, admin) = admin_token(root)?;
         let mut nodes: Vec<Node> = (1..=cp).map(|id| Node::new(root, id, &token_file, node_args)).collect();
-        let members: Vec<String> = nodes.iter().map(Node::member).collect();
-        for node in nodes.iter_mut() {
-            for m in &members {
-                node.args.extend(["--initial-member".to_string(), m.clone()]);
-            }
-            node.start()?;
-        }
         let rest = Rest::default();
-        wait_leader(&rest, &nodes.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await?;
+        start_group(&mut nodes, &rest).await?;
         let control_planes: Vec<String> = nodes.iter().map(|n| n.grpc.clone()).collect();
         let mut exe = bin("steward-agent");
         let mut repo_args = Vec::new();

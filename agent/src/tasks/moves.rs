@@ -187,16 +187,24 @@ pub async fn source_prepare(
         .await
         .map_err(sql)?
         .get(0);
-    let (slot_exists, slot_active, confirmed) = slot(&c, &name).await?;
     Ok(MoveSourceReply {
         schema_sql,
         roles,
         published_tables: u32::try_from(published).unwrap_or(u32::MAX),
+        ..positions(side, &c).await?
+    })
+}
+
+/// The move's slot (exists, active, confirmed position), the current WAL position and the
+/// database's size: what every source reply carries.
+async fn positions(side: &MoveSide, c: &Client) -> Result<MoveSourceReply, MoveError> {
+    let (slot_exists, slot_active, confirmed) = slot(c, &side.name()).await?;
+    Ok(MoveSourceReply {
         slot_exists,
         slot_active,
         confirmed_lsn: confirmed,
-        current_lsn: current_lsn(&c).await?,
-        size_bytes: side.size(&c).await?,
+        current_lsn: current_lsn(c).await?,
+        size_bytes: side.size(c).await?,
         ..Default::default()
     })
 }
@@ -223,15 +231,7 @@ async fn dump_schema(side: &MoveSide, keep_owner: bool) -> Result<Vec<u8>, MoveE
 /// STATUS on the source: where WAL is, and what the subscriber confirmed.
 pub async fn source_status(side: &MoveSide) -> Result<MoveSourceReply, MoveError> {
     let c = side.client().await?;
-    let (slot_exists, slot_active, confirmed) = slot(&c, &side.name()).await?;
-    Ok(MoveSourceReply {
-        slot_exists,
-        slot_active,
-        confirmed_lsn: confirmed,
-        current_lsn: current_lsn(&c).await?,
-        size_bytes: side.size(&c).await?,
-        ..Default::default()
-    })
+    positions(side, &c).await
 }
 
 fn revoked_file(side: &MoveSide) -> PathBuf {
@@ -324,19 +324,14 @@ pub async fn source_block(side: &MoveSide) -> Result<MoveSourceReply, MoveError>
         .map(|r| SequenceValue { name: r.get(0), last_value: r.get(1) })
         .collect();
     let fingerprint: String = dc.query_one(logical::SCHEMA_FINGERPRINT, &[]).await.map_err(sql)?.get(0);
-    let (slot_exists, slot_active, confirmed) = slot(&c, &name).await?;
     tracing::info!(database = %side.database, sessions_ended = ended, block_lsn = %format_lsn(block_lsn),
         "writers of the moving database blocked");
     Ok(MoveSourceReply {
         block_lsn,
         sequences,
         schema_fingerprint: fingerprint,
-        slot_exists,
-        slot_active,
-        confirmed_lsn: confirmed,
-        current_lsn: current_lsn(&c).await?,
         sessions_ended: u32::try_from(ended).unwrap_or(u32::MAX),
-        ..Default::default()
+        ..positions(side, &c).await?
     })
 }
 
