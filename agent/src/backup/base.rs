@@ -323,10 +323,14 @@ fn prepare_streamed(job: FileJob) -> Result<Prepared, BackupError> {
             if let Some(out) = raw.as_mut() {
                 for page in buf[..n].chunks(bs) {
                     if pages::changed(page, page_no, bs, prior_pages, job.since_lsn) {
-                        let mut padded = page.to_vec();
-                        padded.resize(bs, 0);
-                        out.write_all(&(page_no as u32).to_le_bytes()).map_err(|e| spool_io(&raw_path, e))?;
-                        out.write_all(&padded).map_err(|e| spool_io(&raw_path, e))?;
+                        // Only a partial last page needs padding to a whole page.
+                        let pad = vec![0u8; bs - page.len()];
+                        (|| {
+                            out.write_all(&(page_no as u32).to_le_bytes())?;
+                            out.write_all(page)?;
+                            out.write_all(&pad)
+                        })()
+                        .map_err(|e| spool_io(&raw_path, e))?;
                         changed += 1;
                     }
                     page_no += 1;

@@ -102,13 +102,14 @@ impl Instance {
     }
 }
 
+/// Whether a role of this name exists in the instance.
+pub async fn role_exists(client: &Client, role: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(client.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role]).await?.is_some())
+}
+
 /// CREATE ROLE, or ALTER ROLE if it exists (also when created concurrently).
 async fn ensure_role(client: &Client, role: &str, verifier: &str) -> Result<(), PgError> {
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
-        .await
-        .map_err(sql_err(format!("looking up role {role}")))?
-        .is_some();
+    let exists = role_exists(client, role).await.map_err(sql_err(format!("looking up role {role}")))?;
     if !exists {
         match client.batch_execute(&sql::create_role(role, verifier)).await {
             Ok(()) => {

@@ -23,6 +23,7 @@ mod test_support;
 pub mod tuning;
 
 pub use binaries::PgBinaries;
+pub use database::role_exists;
 pub use error::PgError;
 pub use instance::{Instance, InstanceSpec, WalArchiving};
 pub use replication::{format_lsn, parse_lsn, ReplicationStatus, Role, StandbyState, Upstream, REPLICATION_ROLE};

@@ -263,11 +263,9 @@ impl Instance {
         let client = self.superuser_client().await?;
         self.require_primary(&client, "create the replication role").await?;
         client.batch_execute("SET synchronous_commit = local").await.map_err(sql_err("setting synchronous_commit"))?;
-        let exists = client
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&REPLICATION_ROLE])
+        let exists = super::database::role_exists(&client, REPLICATION_ROLE)
             .await
-            .map_err(sql_err("looking up the replication role"))?
-            .is_some();
+            .map_err(sql_err("looking up the replication role"))?;
         let mut created = false;
         if !exists {
             match client.batch_execute(&sql::create_replication_role(REPLICATION_ROLE, password_scram)).await {

@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 use super::dumps;
 use crate::pg::logical::{self, move_name};
 use crate::pg::sql::{describe, quote_ident, quote_literal, restrict_connect};
-use crate::pg::{format_lsn, parse_lsn, Instance};
+use crate::pg::{format_lsn, parse_lsn, role_exists, Instance};
 
 /// Why a move step failed.
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +153,7 @@ pub async fn source_prepare(
     let name = side.name();
     let c = side.client().await?;
     let (role, db) = (quote_ident(&name), quote_ident(&side.database));
-    let exists = c.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name]).await.map_err(sql)?.is_some();
+    let exists = role_exists(&c, &name).await.map_err(sql)?;
     let verb = if exists { "ALTER" } else { "CREATE" };
     c.batch_execute(&format!(
         "{verb} ROLE {role} WITH LOGIN REPLICATION BYPASSRLS PASSWORD {};
@@ -373,7 +373,7 @@ async fn remove_move_objects(side: &MoveSide, c: &Client) -> Result<(), MoveErro
     }
     drop_slot(c, &name).await?;
     let role = quote_ident(&name);
-    let exists = c.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name]).await.map_err(sql)?.is_some();
+    let exists = role_exists(c, &name).await.map_err(sql)?;
     if exists {
         // Its sessions (a walsender) first; then what it was granted, then the role.
         c.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = $1", &[&name])
@@ -394,22 +394,15 @@ async fn remove_move_objects(side: &MoveSide, c: &Client) -> Result<(), MoveErro
 pub async fn source_unblock(side: &MoveSide) -> Result<MoveSourceReply, MoveError> {
     let c = side.client().await?;
     if side.database_exists(&c).await? {
-        let mut stmt = String::new();
-        for s in restrict_connect(&side.database, &side.role) {
-            stmt.push_str(&s);
-            stmt.push(';');
-        }
-        for g in read_revoked(side).await {
-            stmt.push_str(&format!(
-                "GRANT CONNECT ON DATABASE {} TO {};",
-                quote_ident(&side.database),
-                quote_ident(&g)
-            ));
-        }
+        let mut grants: Vec<String> = restrict_connect(&side.database, &side.role).into();
+        let db = quote_ident(&side.database);
+        grants.extend(
+            read_revoked(side).await.iter().map(|g| format!("GRANT CONNECT ON DATABASE {db} TO {}", quote_ident(g))),
+        );
         // A role dropped meanwhile must not keep the owner out: grant one by one.
-        for s in stmt.split(';').filter(|s| !s.trim().is_empty()) {
-            if let Err(e) = c.batch_execute(s).await {
-                tracing::warn!(statement = s, error = %describe(&e), "restoring CONNECT failed");
+        for g in &grants {
+            if let Err(e) = c.batch_execute(g).await {
+                tracing::warn!(statement = %g, error = %describe(&e), "restoring CONNECT failed");
             }
         }
     }
@@ -482,7 +475,7 @@ async fn drop_subscription(side: &MoveSide) -> Result<(), MoveError> {
 pub async fn target_prepare(side: &MoveSide, p: &TargetPlan<'_>) -> Result<MoveTargetReply, MoveError> {
     let name = side.name();
     let c = side.client().await?;
-    if side.database_exists(&c).await? && finished(side, &c).await? {
+    if finished(side, &c).await? {
         return target_status(side).await;
     }
     if subscription_exists(&c, &name).await? {
@@ -495,7 +488,7 @@ pub async fn target_prepare(side: &MoveSide, p: &TargetPlan<'_>) -> Result<MoveT
     crate::pg::sql::check_verifier(&side.role, p.password_scram).map_err(|e| MoveError::Failed(e.to_string()))?;
     for r in p.roles {
         crate::pg::sql::validate_identifier("role", &r.name).map_err(|e| MoveError::Failed(e.to_string()))?;
-        let exists = c.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&r.name]).await.map_err(sql)?.is_some();
+        let exists = role_exists(&c, &r.name).await.map_err(sql)?;
         if !exists {
             let mut stmt = format!("CREATE ROLE {} {}", quote_ident(&r.name), logical::safe_role_options(&r.options));
             if crate::pg::sql::check_verifier(&r.name, &r.password).is_ok() {
@@ -506,7 +499,7 @@ pub async fn target_prepare(side: &MoveSide, p: &TargetPlan<'_>) -> Result<MoveT
     }
     // The owner: no login until the move finishes (the copy must not take writes of its own).
     let owner = quote_ident(&side.role);
-    let exists = c.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&side.role]).await.map_err(sql)?.is_some();
+    let exists = role_exists(&c, &side.role).await.map_err(sql)?;
     let verb = if exists { "ALTER" } else { "CREATE" };
     c.batch_execute(&format!("{verb} ROLE {owner} WITH NOLOGIN PASSWORD {}", quote_literal(p.password_scram)))
         .await

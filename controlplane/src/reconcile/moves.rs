@@ -43,6 +43,14 @@ enum Stop {
     Rollback(String),
 }
 
+impl Stop {
+    fn message(self) -> String {
+        match self {
+            Stop::Retry(m) | Stop::Abandon(m) | Stop::Rollback(m) => m,
+        }
+    }
+}
+
 impl From<StepError> for Stop {
     fn from(e: StepError) -> Self {
         match e {
@@ -459,9 +467,6 @@ async fn rollback(ctx: &Ctx, op: &Operation, why: String) {
 /// One rollback pass; `Ok` with a note about what was left behind on the target, if anything.
 async fn undo(ctx: &Ctx, op: &Operation) -> Result<String, String> {
     let pool = ctx.node.store.pool();
-    let text = |s: Stop| match s {
-        Stop::Retry(m) | Stop::Abandon(m) | Stop::Rollback(m) => m,
-    };
     let mv = query::move_of(pool, &op.id).await.map_err(|e| e.to_string())?.ok_or("move vanished")?;
     let db = query::database(pool, &mv.database_id).await.map_err(|e| e.to_string())?.ok_or("database vanished")?;
     let _ = step(ctx, op, op.attempts, "rolling_back").await;
@@ -472,13 +477,15 @@ async fn undo(ctx: &Ctx, op: &Operation) -> Result<String, String> {
             if let Err(e) =
                 target(ctx, &dst, &mv, &db, MoveTargetStep::MoveTargetAbort, Duration::from_secs(120), |_| {}).await
             {
-                note = format!("the target's partial copy may be left on {}: {}", dst.host_id, text(e));
+                note = format!("the target's partial copy may be left on {}: {}", dst.host_id, e.message());
             }
         }
-        Err(e) => note = format!("the target's partial copy may be left: {}", text(e)),
+        Err(e) => note = format!("the target's partial copy may be left: {}", e.message()),
     }
-    let src = endpoint(ctx, &mv.source_cluster_id).await.map_err(text)?;
-    source(ctx, &src, &mv, MoveSourceStep::MoveSourceUnblock, Duration::from_secs(120), |_| {}).await.map_err(text)?;
+    let src = endpoint(ctx, &mv.source_cluster_id).await.map_err(Stop::message)?;
+    source(ctx, &src, &mv, MoveSourceStep::MoveSourceUnblock, Duration::from_secs(120), |_| {})
+        .await
+        .map_err(Stop::message)?;
     Ok(note)
 }
 
@@ -585,9 +592,8 @@ pub async fn start(
     };
     let target_role = if taken.contains(&db.role_name) { target_pg_name.clone() } else { db.role_name.clone() };
 
-    let src = endpoint(ctx, &db.cluster_id).await.map_err(|s| match s {
-        Stop::Retry(m) | Stop::Abandon(m) | Stop::Rollback(m) => StartError::Unavailable(m),
-    })?;
+    let unavailable = |s: Stop| StartError::Unavailable(s.message());
+    let src = endpoint(ctx, &db.cluster_id).await.map_err(unavailable)?;
     let at = crate::now();
     let mv = Move {
         operation_id: uuid::Uuid::new_v4().to_string(),
@@ -608,9 +614,7 @@ pub async fn start(
     };
     let check = source(ctx, &src, &mv, MoveSourceStep::MoveSourceCheck, Duration::from_secs(30), |_| {})
         .await
-        .map_err(|s| match s {
-            Stop::Retry(m) | Stop::Abandon(m) | Stop::Rollback(m) => StartError::Unavailable(m),
-        })?;
+        .map_err(unavailable)?;
     let mut started =
         Started { operation_id: None, target_cluster_id: planned.cluster_id.clone(), problems: check.problems };
     if check_only {

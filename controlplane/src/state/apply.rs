@@ -581,37 +581,29 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
         }
         Command::StartMove { mv, operation, new_cluster, new_members, actor } => {
             let at = &mv.created_at;
-            let Some(state) = db_state_of(conn, &mv.database_id).await? else {
+            let placed: Option<(String, String, String)> =
+                sqlx::query_as("SELECT state, cluster_id, pg_name FROM databases WHERE id = ?")
+                    .bind(&mv.database_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let Some((state, cluster_id, pg_name)) = placed else {
                 return Ok(Response::NotFound { message: format!("database {} does not exist", mv.database_id) });
             };
             let refused = if state != db_state::ACTIVE && state != db_state::DEPRECATED {
                 Some(format!("the database is {state}: only a live (active or deprecated) database can be moved"))
+            } else if cluster_id != mv.source_cluster_id || pg_name != mv.source_pg_name {
+                Some("the database's placement changed meanwhile; ask again".to_string())
+            } else if let Some(running) = moving(conn, &mv.database_id).await? {
+                Some(running)
             } else {
-                moving(conn, &mv.database_id).await?
-            };
-            let placed: Option<(String, String)> =
-                sqlx::query_as("SELECT cluster_id, pg_name FROM databases WHERE id = ?")
-                    .bind(&mv.database_id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            let refused = refused.or_else(|| match placed {
-                Some((cluster, pg_name)) if cluster != mv.source_cluster_id || pg_name != mv.source_pg_name => {
-                    Some("the database's placement changed meanwhile; ask again".to_string())
-                }
-                _ => None,
-            });
-            let refused = match refused {
-                Some(r) => Some(r),
-                None => {
-                    let role_taken: Option<(String,)> = sqlx::query_as(
-                        "SELECT id FROM databases WHERE cluster_id = ? AND role_name = ? AND state <> 'deleted'",
-                    )
-                    .bind(&mv.target_cluster_id)
-                    .bind(&mv.target_role)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                    role_taken.map(|_| "placement raced with another change; retry the request".to_string())
-                }
+                let role_taken: Option<(String,)> = sqlx::query_as(
+                    "SELECT id FROM databases WHERE cluster_id = ? AND role_name = ? AND state <> 'deleted'",
+                )
+                .bind(&mv.target_cluster_id)
+                .bind(&mv.target_role)
+                .fetch_optional(&mut *conn)
+                .await?;
+                role_taken.map(|_| "placement raced with another change; retry the request".to_string())
             };
             if let Some(message) = refused {
                 audit(conn, at, actor, "database.move", &mv.database_id, &format!("refused: {message}")).await?;
