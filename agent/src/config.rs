@@ -75,6 +75,18 @@ pub struct AgentArgs {
     #[arg(long)]
     #[serde(default)]
     pub stop_postgres_on_exit: bool,
+    /// Directory with this host's TLS files: ca.pem (the cluster CA), node.pem and node.key
+    /// (this host's certificate, for host id = its name). Default <data-path>/tls.
+    #[arg(long, env = "STEWARD_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// One-time join token (`stewardctl join-token create --role agent`): on first start, gets
+    /// this host's certificate from --join-url. Not needed once the TLS directory is filled.
+    #[arg(long, env = "STEWARD_JOIN_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub join_token: Option<String>,
+    /// REST address of a control-plane node to join through (e.g. 10.0.0.1:7480).
+    #[arg(long, env = "STEWARD_JOIN_URL")]
+    pub join_url: Option<String>,
 }
 
 /// Resolved agent configuration.
@@ -99,6 +111,10 @@ pub struct AgentConfig {
     /// The steward-agent executable PostgreSQL runs as archive_command (default: this
     /// executable; set when agents run inside another program, as in `steward-controlplane dev`).
     pub archive_exe: Option<PathBuf>,
+    /// Where this host's certificate, key and the CA bundle live.
+    pub tls_dir: PathBuf,
+    /// Join token and the control-plane REST address to use it at, for the first start.
+    pub join: Option<(String, String)>,
 }
 
 fn load_file(path: &Path) -> Result<AgentArgs, ConfigError> {
@@ -146,11 +162,23 @@ impl AgentArgs {
                 )));
             }
         }
+        let data_path = self.data_path.or(file.data_path).unwrap_or_else(|| PathBuf::from("/var/lib/steward/agent"));
+        let tls_dir = self.tls_dir.or(file.tls_dir).unwrap_or_else(|| data_path.join("tls"));
+        let join_token = self.join_token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+        let join = match (join_token, self.join_url.or(file.join_url)) {
+            (Some(t), Some(u)) => Some((t, u)),
+            (None, None) | (None, Some(_)) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "--join-token needs --join-url: the REST address of a control-plane node".into(),
+                ))
+            }
+        };
         Ok(AgentConfig {
             control_plane,
             listen,
             advertise,
-            data_path: self.data_path.or(file.data_path).unwrap_or_else(|| PathBuf::from("/var/lib/steward/agent")),
+            data_path,
             zone: self.zone.or(file.zone).unwrap_or_else(|| "default".into()),
             host_id: self.host_id.or(file.host_id),
             pg_host,
@@ -162,6 +190,8 @@ impl AgentArgs {
             repo,
             archive_processes: self.archive_processes.or(file.archive_processes).unwrap_or(2),
             archive_exe: None,
+            tls_dir,
+            join,
         })
     }
 }

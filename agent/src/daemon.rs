@@ -34,6 +34,8 @@ pub enum DaemonError {
     Backup(#[from] crate::backup::BackupError),
     #[error("finding this executable for archive_command: {0}")]
     Exe(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] steward_proto::tls::TlsError),
     #[error("binding the agent's command service on {addr}: {source} (is another agent running?)")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -83,7 +85,11 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         .map_err(|source| DaemonError::DataPath { path: cfg.data_path.clone(), source })?;
     let run_as = RunAs::detect()?;
     let state_dir = cfg.data_path.join("agent");
-    let mut state = AgentState::load_or_new(&state_dir, cfg.host_id.as_deref())?;
+    // A host without a configured or stored id takes the one its certificate names.
+    let fresh = !state_dir.join("agent-state.json").exists();
+    let from_cert = if cfg.host_id.is_none() && fresh { crate::tls::host_id_from_cert(&cfg) } else { None };
+    let mut state = AgentState::load_or_new(&state_dir, cfg.host_id.as_deref().or(from_cert.as_deref()))?;
+    let tls = crate::tls::prepare(&cfg, &state.host_id).await?;
     if state.generation == 0 {
         state.save(&state_dir)?;
     }
@@ -102,7 +108,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         Some(repo) => Some(prepare_repo(repo, cfg.archive_exe.as_deref(), cfg.archive_processes, &run_as)?),
         None => None,
     };
-    let host = Arc::new(Host::new(cfg, run_as, archiving, pg_major, state));
+    let host = Arc::new(Host::new(cfg, run_as, archiving, pg_major, state, tls)?);
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
@@ -120,10 +126,14 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
     }
     crate::monitor::observe_all(&host).await;
 
-    let svc = AgentServer::new(AgentService { host: host.clone() });
+    let svc = steward_proto::tls::transport::Gate::new(
+        AgentServer::new(AgentService { host: host.clone() }),
+        crate::tls::access,
+    );
+    let server_tls = host.tls.server_config(true, &[b"h2"])?;
     let mut rx = stop_rx.clone();
     tasks.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = steward_proto::tls::transport::incoming(listener, server_tls);
         let shutdown = async move {
             while !*rx.borrow() {
                 if rx.changed().await.is_err() {
@@ -154,10 +164,18 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         }
     });
     let h = host.clone();
-    let mut rx = stop_rx;
+    let mut rx = stop_rx.clone();
     tasks.spawn(async move {
         tokio::select! {
             _ = crate::monitor::run(h) => {}
+            _ = rx.changed() => {}
+        }
+    });
+    let h = host.clone();
+    let mut rx = stop_rx;
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = crate::tls::maintain(h) => {}
             _ = rx.changed() => {}
         }
     });

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use steward_proto::v1::control_plane_client::ControlPlaneClient;
 use steward_proto::v1::{HeartbeatRequest, HostFacts, RegisterRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::host::Host;
 
@@ -35,14 +35,16 @@ pub async fn facts(host: &Host) -> HostFacts {
     }
 }
 
-fn client(addr: &str) -> Option<ControlPlaneClient<Channel>> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let ep = Endpoint::from_shared(url)
-        .ok()?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    Some(ControlPlaneClient::new(ep.connect_lazy()))
+/// A request that gives up after 2 s: a stuck node must not hold heartbeats back.
+fn timed<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(Duration::from_secs(2));
+    r
+}
+
+fn client(host: &Host, addr: &str) -> Option<ControlPlaneClient<Channel>> {
+    let ch = steward_proto::tls::transport::channel(addr, host.cp_tls.clone(), Duration::from_millis(500)).ok()?;
+    Some(ControlPlaneClient::new(ch))
 }
 
 /// Runs registration and heartbeats until the task is dropped. A heartbeat goes out every
@@ -58,7 +60,7 @@ pub async fn run(host: Arc<Host>) {
     loop {
         let c = match &cached {
             Some((t, c)) if *t == target => Some(c.clone()),
-            _ => client(&target),
+            _ => client(&host, &target),
         };
         let Some(mut c) = c else {
             tracing::error!(control_plane = %target, "invalid control-plane address");
@@ -70,7 +72,7 @@ pub async fn run(host: Arc<Host>) {
         let sent = Instant::now();
         let result = if registered {
             let instances = host.statuses().await;
-            match c.heartbeat(HeartbeatRequest { facts: Some(f), instances }).await {
+            match c.heartbeat(timed(HeartbeatRequest { facts: Some(f), instances })).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     if !r.known {
@@ -89,7 +91,7 @@ pub async fn run(host: Arc<Host>) {
                 Err(e) => Err(e),
             }
         } else {
-            c.register(RegisterRequest { facts: Some(f) }).await.map(|r| {
+            c.register(timed(RegisterRequest { facts: Some(f) })).await.map(|r| {
                 let r = r.into_inner();
                 tracing::info!(host_id = %r.host_id, control_plane = %target, "registered with the control plane");
                 registered = true;

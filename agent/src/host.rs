@@ -82,6 +82,12 @@ pub struct Host {
     pub loads: crate::jobs::JobTable<steward_proto::v1::LoadArchiveReply>,
     /// Steps of database moves, one at a time per move.
     pub moves: crate::jobs::KeyedLocks,
+    /// This host's certificate and trust (reloaded on renewal).
+    pub tls: Arc<steward_proto::tls::TlsMaterial>,
+    /// Client TLS towards control-plane nodes.
+    pub cp_tls: Arc<rustls::ClientConfig>,
+    /// Client TLS towards other agents (peer lease checks).
+    pub peer_tls: Arc<rustls::ClientConfig>,
 }
 
 /// Slot name of a member on its primary.
@@ -98,8 +104,15 @@ impl Host {
         archiving: Option<WalArchiving>,
         pg_major: u32,
         state: AgentState,
-    ) -> Self {
-        Self {
+        tls: Arc<steward_proto::tls::TlsMaterial>,
+    ) -> Result<Self, steward_proto::tls::TlsError> {
+        use steward_proto::tls::Role;
+        let cp_tls = tls.client_config(&[Role::ControlPlane])?;
+        let peer_tls = tls.client_config(&[Role::Agent])?;
+        Ok(Self {
+            tls,
+            cp_tls,
+            peer_tls,
             cfg,
             run_as,
             archiving,
@@ -115,7 +128,7 @@ impl Host {
             archives: Default::default(),
             loads: Default::default(),
             moves: Default::default(),
-        }
+        })
     }
 
     fn state_dir(&self) -> PathBuf {

@@ -19,3 +19,4 @@ pub mod repo_report;
 pub mod service;
 pub mod state;
 pub mod tasks;
+pub mod tls;

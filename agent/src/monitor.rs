@@ -245,14 +245,9 @@ async fn refresh_peer_lease(host: Arc<Host>, id: String, rec: ClusterRecord) {
     let sent = Instant::now();
     let mut all = true;
     for peer in &rec.peer_agents {
-        let url = if peer.contains("://") { peer.clone() } else { format!("http://{peer}") };
         let granted = async {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .ok()?
-                .connect_timeout(Duration::from_millis(300))
-                .connect()
-                .await
-                .ok()?;
+            let ch =
+                steward_proto::tls::transport::channel(peer, host.peer_tls.clone(), Duration::from_millis(300)).ok()?;
             let mut req = tonic::Request::new(PeerLeaseRequest {
                 cluster_id: id.clone(),
                 epoch: rec.epoch,

@@ -87,6 +87,30 @@ pub struct NodeArgs {
     /// right away). Default 7d.
     #[arg(long, env = "STEWARD_ARCHIVE_DELETE_GRACE")]
     pub archive_delete_grace: Option<String>,
+    /// Directory with this node's TLS files: ca.pem (trusted CA bundle), ca.key (the cluster
+    /// CA's key), node.pem and node.key. Default <data-dir>/tls. The first node of a new
+    /// cluster creates the CA here; other nodes get theirs with --join-token, or from a copy of
+    /// ca.pem and ca.key placed here before their first start.
+    #[arg(long, env = "STEWARD_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// One-time join token (`stewardctl join-token create --role controlplane`): on first
+    /// start, fetches the CA and this node's certificate from --join-url.
+    #[arg(long, env = "STEWARD_JOIN_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub join_token: Option<String>,
+    /// REST address of a running control-plane node to join through (e.g. 10.0.0.1:7480).
+    #[arg(long, env = "STEWARD_JOIN_URL")]
+    pub join_url: Option<String>,
+    /// Lifetime of the certificates this node issues (agents renew theirs after two thirds of
+    /// it), e.g. 90d or 12h. Default 90d.
+    #[arg(long, env = "STEWARD_CERT_LIFETIME")]
+    pub cert_lifetime: Option<String>,
+    /// REST requests per second allowed per token (bursts of twice that). Default 50.
+    #[arg(long, env = "STEWARD_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+    /// A REST request still running after this long is answered 503 (e.g. 30s). Default 30s.
+    #[arg(long, env = "STEWARD_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
 }
 
 /// Resolved configuration.
@@ -104,6 +128,12 @@ pub struct NodeConfig {
     pub host_down_after: Duration,
     pub backup_policy: BackupPolicy,
     pub archive_grace: Duration,
+    pub tls_dir: PathBuf,
+    pub join_token: Option<String>,
+    pub join_url: Option<String>,
+    pub cert_lifetime: Duration,
+    pub rate_limit: u32,
+    pub request_timeout: Duration,
 }
 
 /// Parses `ID=GRPC,API`.
@@ -194,6 +224,29 @@ impl NodeArgs {
             self.archive_delete_grace.or(file.archive_delete_grace),
             Duration::from_secs(7 * 86_400),
         )?;
+        let cert_lifetime = interval(
+            "cert_lifetime",
+            self.cert_lifetime.or(file.cert_lifetime),
+            steward_proto::tls::pki::LEAF_LIFETIME,
+        )?;
+        if cert_lifetime < Duration::from_secs(30) {
+            return Err(ConfigError::Invalid("cert_lifetime must be at least 30s".into()));
+        }
+        let request_timeout =
+            interval("request_timeout", self.request_timeout.or(file.request_timeout), Duration::from_secs(30))?;
+        if request_timeout.is_zero() {
+            return Err(ConfigError::Invalid("request_timeout must be greater than 0 (e.g. 30s)".into()));
+        }
+        let rate_limit = self.rate_limit.or(file.rate_limit).unwrap_or(50);
+        if rate_limit == 0 {
+            return Err(ConfigError::Invalid("rate_limit must be at least 1 request per second".into()));
+        }
+        let tls_dir = self.tls_dir.or(file.tls_dir).unwrap_or_else(|| data_dir.join("tls"));
+        let join_token = self.join_token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+        let join_url = self.join_url.or(file.join_url);
+        if join_token.is_some() != join_url.is_some() {
+            return Err(ConfigError::Invalid("--join-token and --join-url go together: give both or neither".into()));
+        }
         let admin_token_file =
             self.admin_token_file.or(file.admin_token_file).unwrap_or_else(|| data_dir.join("admin.token"));
         Ok(NodeConfig {
@@ -209,6 +262,12 @@ impl NodeArgs {
             host_down_after: Duration::from_millis(self.host_down_after_ms.or(file.host_down_after_ms).unwrap_or(5000)),
             backup_policy,
             archive_grace,
+            tls_dir,
+            join_token,
+            join_url,
+            cert_lifetime,
+            rate_limit,
+            request_timeout,
         })
     }
 }

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use steward_proto::tls::pki::{issue_into, LeafRequest};
+use steward_proto::tls::{Identity, Role, TlsDir};
+
 use crate::config::NodeConfig;
 use crate::raft::node::RaftSettings;
 use crate::raft::NodeInfo;
@@ -63,8 +66,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         host_down_after: Duration::from_secs(5),
         backup_policy: Default::default(),
         archive_grace: Duration::from_secs(7 * 86_400),
+        tls_dir: data_dir.join("controlplane").join("tls"),
+        join_token: None,
+        join_url: None,
+        cert_lifetime: steward_proto::tls::pki::LEAF_LIFETIME,
+        rate_limit: 50,
+        request_timeout: Duration::from_secs(30),
     };
+    let ca_dir = TlsDir(cfg.tls_dir.clone());
     let node = crate::server::start(cfg).await?;
+    // Everything speaks TLS in dev too: the node created the CA; agents and the operator get
+    // certificates from it here (production hosts join with tokens instead).
+    let operator_tls = TlsDir(data_dir.join("operator-tls"));
+    issue_once(&ca_dir, &operator_tls, Identity::new(Role::Operator, "dev-operator"))?;
     // The agents run in this process, but PostgreSQL's archive_command needs the steward-agent
     // executable: `make dev` builds it next to this one.
     let archive_exe = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("steward-agent")));
@@ -77,6 +91,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut agents = Vec::new();
     for i in 0..args.agents {
         let listen: SocketAddr = ([127, 0, 0, 1], args.agent_port + i).into();
+        let agent_tls = data_dir.join(format!("agent-{}", i + 1)).join("tls");
+        issue_once(&ca_dir, &TlsDir(agent_tls.clone()), Identity::new(Role::Agent, format!("dev-host-{}", i + 1)))?;
         let acfg = steward_agent::config::AgentConfig {
             control_plane: vec![grpc.to_string()],
             listen,
@@ -93,19 +109,28 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             repo: archive_exe.as_ref().map(|_| repo.display().to_string()),
             archive_processes: 2,
             archive_exe: archive_exe.clone(),
+            tls_dir: agent_tls.clone(),
+            join: None,
         };
         let agent = steward_agent::daemon::start(acfg).await.with_context(|| format!("starting agent {}", i + 1))?;
         agents.push(agent);
     }
     println!();
     println!("Steward dev stack is running ({} agents, data in {}).", agents.len(), data_dir.display());
-    println!("  REST API:    http://{}", node.api_addr);
-    println!("  gRPC:        {} (stewardctl --server {})", node.grpc_addr, node.grpc_addr);
+    let ca_pem = ca_dir.ca_cert();
+    println!("  REST API:    https://{} (CA: {})", node.api_addr, ca_pem.display());
+    println!(
+        "  gRPC:        {} (stewardctl --server {} --tls-dir {})",
+        node.grpc_addr,
+        node.grpc_addr,
+        operator_tls.0.display()
+    );
     println!("  admin token: {}  (also in {})", node.admin_token, data_dir.join("admin.token").display());
     println!();
     println!("Try:");
     println!("  export STEWARD_ADMIN_TOKEN=$(cat {})", data_dir.join("admin.token").display());
-    println!("  curl -s -X POST http://{}/v1/teams -H \"Authorization: Bearer $STEWARD_ADMIN_TOKEN\" -H 'Content-Type: application/json' -d '{{\"name\":\"shop\",\"contact\":\"shop@example.com\"}}'", node.api_addr);
+    println!("  export STEWARD_TLS_DIR={}", operator_tls.0.display());
+    println!("  curl -s --cacert {} -X POST https://{}/v1/teams -H \"Authorization: Bearer $STEWARD_ADMIN_TOKEN\" -H 'Content-Type: application/json' -d '{{\"name\":\"shop\",\"contact\":\"shop@example.com\"}}'", ca_pem.display(), node.api_addr);
     println!("Press Ctrl-C to stop everything (PostgreSQL included).");
     steward_agent::daemon::shutdown_signal().await;
     println!("Stopping agents and PostgreSQL...");
@@ -114,5 +139,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     node.shutdown().await;
     println!("Stopped.");
+    Ok(())
+}
+
+/// Issues `identity` a certificate into `out` from the CA in `ca`, unless `out` has one.
+fn issue_once(ca: &TlsDir, out: &TlsDir, identity: Identity) -> anyhow::Result<()> {
+    if out.has_identity() {
+        return Ok(());
+    }
+    let req = LeafRequest {
+        identity,
+        hosts: vec!["127.0.0.1".into(), "localhost".into()],
+        lifetime: steward_proto::tls::pki::LEAF_LIFETIME,
+    };
+    issue_into(ca, &req, out).with_context(|| format!("issuing a certificate into {}", out.0.display()))?;
     Ok(())
 }

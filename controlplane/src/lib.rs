@@ -9,6 +9,7 @@ pub mod config;
 pub mod dev;
 pub mod grpc;
 pub mod metrics;
+pub mod pki;
 pub mod raft;
 pub mod reconcile;
 pub mod server;

@@ -13,7 +13,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::api::{self, auth, AppState};
+use steward_proto::tls::transport::Gate;
+
 use crate::config::NodeConfig;
+use crate::grpc;
 use crate::grpc::agent_service::AgentFacing;
 use crate::grpc::operator::OperatorService;
 use crate::metrics::Metrics;
@@ -78,7 +81,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let admin_token = load_or_create_admin_token(&cfg.admin_token_file)?;
     let admin_token_hash = Arc::new(auth::token_hash(&admin_token));
-    let node = RaftNode::start(cfg.node_id, &cfg.data_dir.join("raft"), &cfg.raft).await.context("starting raft")?;
+    let tls = crate::pki::prepare(&cfg).await.context("preparing this node's TLS certificate")?;
+    let node = RaftNode::start(cfg.node_id, &cfg.data_dir.join("raft"), &cfg.raft, tls.clone())
+        .await
+        .context("starting raft")?;
+    let ca = Arc::new(crate::pki::CertAuthority::new(tls.dir().clone(), cfg.cert_lifetime));
     let metrics = Arc::new(Metrics::default());
     let liveness = Arc::new(Liveness::default());
     let (stop, stop_rx) = watch::channel(false);
@@ -102,22 +109,34 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         cfg.archive_grace,
     );
     let grpc = tonic::transport::Server::builder()
-        .add_service(RaftServer::new(RaftService::new(node.clone())).max_decoding_message_size(64 << 20))
-        .add_service(ControlPlaneServer::new(AgentFacing {
-            node: node.clone(),
-            liveness: liveness.clone(),
-            metrics: metrics.clone(),
-            heartbeat_interval_ms: cfg.agent_heartbeat_ms,
-        }))
-        .add_service(OperatorServer::new(OperatorService {
-            node: node.clone(),
-            liveness: liveness.clone(),
-            admin_token_hash: admin_token_hash.clone(),
-            ctx: ctx.clone(),
-        }));
+        .add_service(Gate::new(
+            RaftServer::new(RaftService::new(node.clone())).max_decoding_message_size(64 << 20),
+            grpc::raft_access,
+        ))
+        .add_service(Gate::new(
+            ControlPlaneServer::new(AgentFacing {
+                node: node.clone(),
+                liveness: liveness.clone(),
+                metrics: metrics.clone(),
+                heartbeat_interval_ms: cfg.agent_heartbeat_ms,
+                ca: ca.clone(),
+            }),
+            grpc::agent_access,
+        ))
+        .add_service(Gate::new(
+            OperatorServer::new(OperatorService {
+                node: node.clone(),
+                liveness: liveness.clone(),
+                admin_token_hash: admin_token_hash.clone(),
+                ctx: ctx.clone(),
+                ca: ca.clone(),
+            }),
+            grpc::operator_access,
+        ));
+    let grpc_tls = tls.server_config(true, &[b"h2"])?;
     let rx = stop_rx.clone();
     tasks.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let incoming = steward_proto::tls::transport::incoming(grpc_listener, grpc_tls);
         if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, wait_stop(rx)).await {
             tracing::error!(error = %e, "gRPC server failed");
         }
@@ -128,11 +147,28 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         admin_token_hash,
         metrics: metrics.clone(),
         liveness: liveness.clone(),
+        ca: ca.clone(),
+        limits: Arc::new(api::limits::Limits::new(cfg.rate_limit, cfg.request_timeout)),
+        ctx: ctx.clone(),
+    });
+    let rest_tls = tls.server_config(false, &[b"h2", b"http/1.1"])?;
+    let rx = stop_rx.clone();
+    tasks.spawn(api::serve::serve(api_listener, rest_tls, app, wait_stop(rx)));
+
+    let rx = stop_rx.clone();
+    let (c, t) = (cfg.clone(), tls.clone());
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = crate::pki::maintain(c, t) => {}
+            _ = wait_stop(rx) => {}
+        }
     });
     let rx = stop_rx.clone();
+    let n = node.clone();
     tasks.spawn(async move {
-        if let Err(e) = axum::serve(api_listener, app).with_graceful_shutdown(wait_stop(rx)).await {
-            tracing::error!(error = %e, "REST server failed");
+        tokio::select! {
+            _ = crate::grpc::revocation::follow(n) => {}
+            _ = wait_stop(rx) => {}
         }
     });
 

@@ -7,3 +7,5 @@ pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("steward.v1");
 }
+
+pub mod tls;

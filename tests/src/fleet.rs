@@ -142,6 +142,7 @@ impl Fleet {
             args.extend(["--control-plane".to_string(), n.grpc.clone()]);
         }
         let host_id = self.host_id(i);
+        crate::tls::issue(steward_proto::tls::Role::Agent, &host_id, &[&ip], &root.join(&host_id).join("tls"))?;
         args.extend(
             [
                 "--listen",

@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod netns;
 pub mod s3;
 pub mod sim;
+pub mod tls;
 pub mod writer;
 
 /// Path of a workspace binary (built by `cargo build` before the tests run; `make test` does):
@@ -224,6 +225,9 @@ impl Node {
 
     pub fn start(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.dir)?;
+        if !self.dir.join("tls").join("node.pem").exists() {
+            tls::seed_node(&self.dir.join("tls"))?;
+        }
         let log = self.dir.with_extension("log");
         let log = if self.proc.is_none() && log.exists() {
             // Keep earlier logs of a restarted node.
@@ -244,7 +248,7 @@ impl Node {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.api, path)
+        format!("https://{}{}", self.api, path)
     }
 }
 
@@ -278,7 +282,7 @@ pub struct Rest {
 
 impl Default for Rest {
     fn default() -> Self {
-        Self { http: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap_or_default() }
+        Self { http: tls::https_client(Duration::from_secs(15)) }
     }
 }
 
@@ -427,7 +431,9 @@ impl Stack {
             let agent_addr = format!("127.0.0.1:{}", free_port());
             let pg_port = free_port();
             let data_path = root.join(format!("host-{letter}"));
-            let mut args: Vec<String> = vec!["run".into()];
+            let host_id = format!("host-{letter}");
+            tls::issue(steward_proto::tls::Role::Agent, &host_id, &[], &data_path.join("tls"))?;
+            let mut args: Vec<String> = vec!["run".into(), "--host-id".into(), host_id];
             for cp in &control_planes {
                 args.extend(["--control-plane".to_string(), cp.clone()]);
             }
@@ -516,6 +522,8 @@ impl Stack {
     pub fn stewardctl(&self, args: &[&str]) -> Result<(bool, String, String)> {
         let out = Command::new(bin("stewardctl"))
             .args(["--server", &self.live_node().grpc, "--token", &self.admin])
+            .arg("--tls-dir")
+            .arg(tls::operator_dir())
             .args(args)
             .output()
             .context("running stewardctl")?;

@@ -10,10 +10,7 @@ use steward_proto::v1::{HeartbeatRequest, HostFacts, RegisterRequest};
 use tonic::transport::Channel;
 
 fn channel(addr: &str) -> Result<Channel> {
-    Ok(Channel::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy())
+    crate::tls::operator_channel(addr)
 }
 
 /// Facts of a fake host with plenty of capacity.
@@ -40,20 +37,30 @@ pub fn facts(host_id: &str) -> HostFacts {
 /// aborted on drop of the handle by the caller, and ends by itself after `lifetime`).
 pub fn spawn_host(nodes: Vec<String>, host_id: &str, lifetime: Duration) -> tokio::task::JoinHandle<()> {
     let f = facts(host_id);
+    let material = crate::tls::host_material(host_id);
     tokio::spawn(async move {
+        let material = match material {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("simulated host {}: no certificate: {e:#}", f.host_id);
+                return;
+            }
+        };
         let end = tokio::time::Instant::now() + lifetime;
         let mut i = 0usize;
         let mut target = nodes[0].clone();
         let mut registered = false;
         while tokio::time::Instant::now() < end {
-            let Ok(ch) = channel(&target) else { return };
+            let Ok(ch) = crate::tls::channel_with(&target, &material) else { return };
             let mut c = ControlPlaneClient::new(ch);
             let r = if registered {
-                c.heartbeat(HeartbeatRequest { facts: Some(f.clone()), instances: vec![] })
-                    .await
-                    .map(|r| r.into_inner().known)
+                let mut req = tonic::Request::new(HeartbeatRequest { facts: Some(f.clone()), instances: vec![] });
+                req.set_timeout(Duration::from_secs(5));
+                c.heartbeat(req).await.map(|r| r.into_inner().known)
             } else {
-                c.register(RegisterRequest { facts: Some(f.clone()) }).await.map(|_| true)
+                let mut req = tonic::Request::new(RegisterRequest { facts: Some(f.clone()) });
+                req.set_timeout(Duration::from_secs(5));
+                c.register(req).await.map(|_| true)
             };
             match r {
                 Ok(known) => registered = known,

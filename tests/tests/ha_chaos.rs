@@ -182,6 +182,8 @@ async fn planned_switchover() -> Result<()> {
     let token_file = s.fleet.scratch.path().join("admin.token");
     let at = Instant::now();
     let out = std::process::Command::new(steward_tests::bin("stewardctl"))
+        .arg("--tls-dir")
+        .arg(steward_tests::tls::operator_dir())
         .args(["--server", &s.fleet.nodes[0].grpc, "--token-file", &token_file.display().to_string(), "-o", "json"])
         .args(["cluster", "switchover", &c.id])
         .output()?;
@@ -330,6 +332,8 @@ async fn scheduled_backups_come_from_a_standby_and_restore() -> Result<()> {
     ensure!(incr.stored_bytes < full.stored_bytes, "incremental stored more than the full one: {incr:?}");
     // Operators see both backups with stewardctl, newest first.
     let out = std::process::Command::new(steward_tests::bin("stewardctl"))
+        .arg("--tls-dir")
+        .arg(steward_tests::tls::operator_dir())
         .args(["--server", &node, "--token", &fleet.admin, "backups", "--cluster", &c.id, "--output", "json"])
         .output()?;
     ensure!(out.status.success(), "stewardctl backups: {}", String::from_utf8_lossy(&out.stderr));

@@ -73,6 +73,13 @@ async fn primary_postmaster_kill_fails_over_without_losing_acknowledged_writes()
     let mut agents = Vec::new();
     for (i, zone) in ["a", "b", "c"].iter().enumerate() {
         let listen = format!("127.0.0.1:{}", free_port());
+        let data_path = root.join(format!("host-{zone}"));
+        steward_tests::tls::issue(
+            steward_proto::tls::Role::Agent,
+            &format!("host-{zone}"),
+            &[],
+            &data_path.join("tls"),
+        )?;
         let args: Vec<String> = [
             "run",
             "--control-plane",

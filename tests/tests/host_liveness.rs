@@ -10,6 +10,8 @@ use steward_tests::{admin_token, bin, wait_for, wait_leader, Node, Rest, Scratch
 
 fn stewardctl(node: &Node, token_file: &std::path::Path, args: &[&str]) -> Result<Value> {
     let out = std::process::Command::new(bin("stewardctl"))
+        .arg("--tls-dir")
+        .arg(steward_tests::tls::operator_dir())
         .args(["--server", &node.grpc, "--token-file", &token_file.display().to_string(), "--output", "json"])
         .args(args)
         .output()

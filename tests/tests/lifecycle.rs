@@ -102,6 +102,8 @@ async fn lifecycle_transitions_ownership_and_audit() -> Result<()> {
     ensure!(s == 400, "unknown audit parameter: {s} {v}");
     // Operators read the same log over gRPC.
     let out = std::process::Command::new(steward_tests::bin("stewardctl"))
+        .arg("--tls-dir")
+        .arg(steward_tests::tls::operator_dir())
         .args(["--server", &node.grpc, "--token", &host.admin, "audit", "--target", &id, "--output", "json"])
         .output()?;
     ensure!(out.status.success(), "stewardctl audit: {}", String::from_utf8_lossy(&out.stderr));

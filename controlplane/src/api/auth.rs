@@ -1,5 +1,7 @@
-//! Who is calling: the admin (platform team) or a product team, from the bearer token. Tokens
-//! are compared by SHA-256 hash; plaintext tokens are never stored.
+//! Who is calling, from the bearer token: the admin (platform team), an operator (reads the
+//! whole fleet, steers it over gRPC) or a product team (its own databases). Tokens are compared
+//! by SHA-256 hash; plaintext tokens are never stored, and a revoked token stops working on
+//! every node as soon as its revocation is applied there.
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -12,7 +14,38 @@ use crate::state::query;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Caller {
     Admin,
+    Operator(String),
     Team(String),
+}
+
+impl Caller {
+    /// How the audit log names the caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Admin => "admin".to_string(),
+            Caller::Operator(name) => format!("operator:{name}"),
+            Caller::Team(t) => format!("team:{t}"),
+        }
+    }
+
+    /// Refuses operators' tokens, which are read-only on the REST API.
+    pub fn require_write(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Operator(_) => Err(ApiError::Forbidden(
+                "operator tokens are read-only on the REST API: use a team's token, or stewardctl".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn from_token(t: crate::state::model::Token) -> Caller {
+    use crate::state::model::token_scope;
+    match t.scope.as_str() {
+        token_scope::ADMIN => Caller::Admin,
+        token_scope::OPERATOR => Caller::Operator(t.name),
+        _ => Caller::Team(t.team.unwrap_or_default()),
+    }
 }
 
 /// Hex SHA-256 of a token, the form in which tokens are stored and compared.
@@ -48,12 +81,12 @@ pub async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Api
         return Ok(Caller::Admin);
     }
     let pool = state.node.store.pool();
-    if let Some(team) = query::team_by_token_hash(pool, &hash).await? {
-        return Ok(Caller::Team(team.name));
+    if let Some(t) = query::token_by_hash(pool, &hash).await? {
+        return Ok(from_token(t));
     }
     state.node.linearizable_read().await?;
-    match query::team_by_token_hash(pool, &hash).await? {
-        Some(team) => Ok(Caller::Team(team.name)),
+    match query::token_by_hash(pool, &hash).await? {
+        Some(t) => Ok(from_token(t)),
         None => Err(ApiError::Unauthorized("unknown or revoked token".into())),
     }
 }
@@ -62,7 +95,7 @@ pub async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Api
 pub fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     match caller {
         Caller::Admin => Ok(()),
-        Caller::Team(_) => Err(ApiError::Forbidden("this call needs the admin token".into())),
+        _ => Err(ApiError::Forbidden("this call needs an admin token".into())),
     }
 }
 

@@ -108,12 +108,13 @@ pub async fn create(
     body: Result<Json<NewDatabase>, JsonRejection>,
 ) -> Result<HttpResponse, ApiError> {
     let who = caller(&state, &headers).await?;
+    who.require_write()?;
     let Json(req) = body?;
     let valid = validate::database(&req)?;
     let owner = match (&who, &req.owner) {
         (_, Some(o)) => o.clone(),
         (Caller::Team(t), None) => t.clone(),
-        (Caller::Admin, None) => {
+        (Caller::Admin | Caller::Operator(_), None) => {
             return Err(ApiError::Unprocessable("owner is required: name the team that owns this database".into()))
         }
     };
@@ -133,16 +134,9 @@ pub async fn create(
         }
     }
     let planned = plan::plan_placement(pool, &valid.availability, &plan::Avoid::default()).await?;
-    let actor = actor_of(&who);
+    let actor = who.actor();
     let new = NewRecord { owner, valid, kind: op_kind::PROVISION, restore_of: None };
     submit(&state, planned, new, idempotency_key, actor).await
-}
-
-fn actor_of(who: &Caller) -> String {
-    match who {
-        Caller::Admin => "admin".to_string(),
-        Caller::Team(t) => format!("team:{t}"),
-    }
 }
 
 /// What a new database record is made of, besides its placement.
@@ -244,6 +238,7 @@ pub async fn restore(
     body: Result<Json<RestoreRequest>, JsonRejection>,
 ) -> Result<HttpResponse, ApiError> {
     let who = caller(&state, &headers).await?;
+    who.require_write()?;
     let Json(req) = body?;
     let idempotency_key = idempotency_key(&headers)?;
     let source = visible(&state, &who, &id).await?;
@@ -286,7 +281,7 @@ pub async fn restore(
     };
     let new =
         NewRecord { owner: source.owner.clone(), valid: new, kind: op_kind::RESTORE, restore_of: Some(restore_of) };
-    submit(&state, planned, new, idempotency_key, actor_of(&who)).await
+    submit(&state, planned, new, idempotency_key, who.actor()).await
 }
 
 /// Brings an archived database back under its own id: a new placement, then the `unarchive`
@@ -305,7 +300,7 @@ async fn unarchive(state: &AppState, who: &Caller, db: Database) -> Result<HttpR
         new_members: planned.new_members,
         operation,
         at,
-        actor: actor_of(who),
+        actor: who.actor(),
     };
     match state.node.write(cmd).await? {
         Response::Done => {}
@@ -325,12 +320,13 @@ pub async fn archive(
     Path(id): Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let who = caller(&state, &headers).await?;
+    who.require_write()?;
     visible(&state, &who, &id).await?;
     let pool = state.node.store.pool();
     let not_found = || ApiError::NotFound(format!("database {id} does not exist"));
     let at = crate::now();
     let operation = Operation::start(op_kind::ARCHIVE, &id, &at);
-    match state.node.write(Command::StartArchive { id: id.clone(), operation, at, actor: actor_of(&who) }).await? {
+    match state.node.write(Command::StartArchive { id: id.clone(), operation, at, actor: who.actor() }).await? {
         Response::Done => {}
         Response::Conflict { message } => return Err(ApiError::Conflict(message)),
         Response::NotFound { message } => return Err(ApiError::NotFound(message)),
@@ -345,7 +341,7 @@ pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<J
     state.node.linearizable_read().await?;
     let pool = state.node.store.pool();
     let dbs = match &who {
-        Caller::Admin => query::all_databases(pool).await?,
+        Caller::Admin | Caller::Operator(_) => query::all_databases(pool).await?,
         Caller::Team(t) => query::databases_of(pool, t).await?,
     };
     let mut out = Vec::with_capacity(dbs.len());
@@ -363,4 +359,61 @@ pub async fn get(
     let who = caller(&state, &headers).await?;
     let db = visible(&state, &who, &id).await?;
     Ok(Json(view(state.node.store.pool(), &db).await?))
+}
+
+/// `POST /v1/databases/{id}/credentials/rotate`: a new generated password for the database's
+/// role. The new password is committed through Raft first (it is what `GET` returns from then
+/// on), then set on the primary (as a SCRAM verifier; standbys follow through WAL). If the
+/// primary cannot be reached the call fails with 503 and may simply be repeated.
+pub async fn rotate_credentials(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&state, &headers).await?;
+    who.require_write()?;
+    let db = visible(&state, &who, &id).await?;
+    if db.state != db_state::ACTIVE && db.state != db_state::DEPRECATED {
+        return Err(ApiError::Conflict(format!(
+            "database {id} is {}: only an active or deprecated database has credentials to rotate",
+            db.state
+        )));
+    }
+    let password = plan::new_password();
+    let cmd = Command::SetDatabasePassword {
+        id: id.clone(),
+        password: password.clone(),
+        at: crate::now(),
+        actor: who.actor(),
+    };
+    match state.node.write(cmd).await? {
+        Response::Done => {}
+        Response::NotFound { message } => return Err(ApiError::NotFound(message)),
+        other => return Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+    }
+    let pool = state.node.store.pool();
+    let cluster = query::cluster(pool, &db.cluster_id)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("cluster {} of database {id} is missing", db.cluster_id)))?;
+    let primary = query::host(pool, &cluster.primary_host)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("primary host {} is missing", cluster.primary_host)))?;
+    let unavailable = |e: String| {
+        ApiError::Unavailable(format!(
+            "the new password is recorded but the primary could not apply it ({e}); repeat this call"
+        ))
+    };
+    let mut agent = state.ctx.agents.get(&primary.agent_addr).await.map_err(|e| unavailable(e.to_string()))?;
+    let mut req = tonic::Request::new(steward_proto::v1::EnsureDatabaseRequest {
+        cluster_id: cluster.id.clone(),
+        epoch: cluster.epoch as u64,
+        database: db.pg_name.clone(),
+        role: db.role_name.clone(),
+        password_scram: steward_agent::pg::scram_verifier(&password),
+    });
+    req.set_timeout(std::time::Duration::from_secs(30));
+    agent.ensure_database(req).await.map_err(|s| unavailable(s.message().to_string()))?;
+    let db =
+        query::database(pool, &id).await?.ok_or_else(|| ApiError::NotFound(format!("database {id} does not exist")))?;
+    Ok(Json(view(pool, &db).await?))
 }

@@ -23,6 +23,11 @@ pub enum ApiError {
     #[error("{0}")]
     Unprocessable(String),
     #[error("{0}")]
+    PayloadTooLarge(String),
+    /// Over the per-token request rate; retry after the given seconds.
+    #[error("too many requests: retry in {0} s")]
+    TooManyRequests(u64),
+    #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
@@ -37,6 +42,8 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -46,11 +53,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let retry = if let ApiError::TooManyRequests(s) = &self { Some(*s) } else { None };
         if status.is_server_error() {
             tracing::warn!(%code, error = %self, "request failed");
         }
         let mut resp =
             (status, axum::Json(json!({"error": {"code": code, "message": self.to_string()}}))).into_response();
+        if let Some(secs) = retry {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
@@ -88,6 +99,9 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
             JsonSyntaxError(e) => ApiError::BadRequest(format!("malformed JSON: {}", e.body_text())),
             MissingJsonContentType(_) => {
                 ApiError::BadRequest("send the body as JSON with 'Content-Type: application/json'".into())
+            }
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge("the request body is larger than 64 KiB".into())
             }
             other => ApiError::BadRequest(other.body_text()),
         }

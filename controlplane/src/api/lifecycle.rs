@@ -31,10 +31,8 @@ async fn change(
     super::databases::visible(state, who, id).await?;
     let pool = state.node.store.pool();
     let not_found = || ApiError::NotFound(format!("database {id} does not exist"));
-    let actor = match who {
-        Caller::Admin => "admin".to_string(),
-        Caller::Team(t) => format!("team:{t}"),
-    };
+    who.require_write()?;
+    let actor = who.actor();
     let cmd =
         Command::ChangeDatabase { id: id.to_string(), action, reason, sunset_at, new_owner, at: crate::now(), actor };
     match state.node.write(cmd).await? {
@@ -112,8 +110,8 @@ pub async fn audit(
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let who = caller(&state, &headers).await?;
-    if !matches!(who, Caller::Admin) {
-        return Err(ApiError::Forbidden("the audit log is for the admin token only".into()));
+    if !matches!(who, Caller::Admin | Caller::Operator(_)) {
+        return Err(ApiError::Forbidden("the audit log is for admin and operator tokens only".into()));
     }
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("bad query: {}", e.body_text())))?;
     state.node.linearizable_read().await?;

@@ -4,10 +4,14 @@
 pub mod auth;
 pub mod databases;
 pub mod error;
+pub mod join;
 pub mod lifecycle;
+pub mod limits;
 pub mod operations;
+pub mod serve;
 pub mod system;
 pub mod teams;
+pub mod tokens;
 pub mod validate;
 
 use std::sync::Arc;
@@ -27,6 +31,12 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// What agents last reported (for replication metrics; filled on the leader).
     pub liveness: Arc<crate::reconcile::liveness::Liveness>,
+    /// Signs certificates for joining hosts and nodes.
+    pub ca: Arc<crate::pki::CertAuthority>,
+    /// Rate limit and request deadline.
+    pub limits: Arc<limits::Limits>,
+    /// Agent clients, for calls that act on a database's primary at once (credential rotation).
+    pub ctx: Arc<crate::reconcile::Ctx>,
 }
 
 /// Largest request body accepted.
@@ -43,11 +53,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/databases/:id/deprecate", post(lifecycle::deprecate))
         .route("/v1/databases/:id/reactivate", post(lifecycle::reactivate))
         .route("/v1/databases/:id/transfer", post(lifecycle::transfer))
+        .route("/v1/databases/:id/credentials/rotate", post(databases::rotate_credentials))
+        .route("/v1/tokens", post(tokens::create).get(tokens::list))
+        .route("/v1/tokens/:id", axum::routing::delete(tokens::revoke))
+        .route("/v1/join", post(join::join))
         .route("/v1/audit", get(lifecycle::audit))
         .route("/v1/operations/:id", get(operations::get))
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
         .fallback(system::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.limits.clone(), limits::enforce))
         .with_state(state)
 }

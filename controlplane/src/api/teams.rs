@@ -27,7 +27,8 @@ pub async fn create(
         contact: req.contact.clone(),
         token_hash: token_hash(&token),
         at: crate::now(),
-        actor: "admin".into(),
+        actor: who.actor(),
+        token_id: Some(uuid::Uuid::new_v4().simple().to_string()),
     };
     match state.node.write(cmd).await? {
         Response::Done => {

@@ -10,7 +10,9 @@ use tonic::transport::Channel;
 
 /// Operate a Steward fleet: Raft status and membership, hosts, clusters, databases, operations.
 ///
-/// Authenticate with the admin token: --token, $STEWARD_ADMIN_TOKEN, or --token-file.
+/// Connections use mutual TLS: --tls-dir holds ca.pem and an operator certificate (node.pem,
+/// node.key), made with `steward-controlplane pki issue --role operator`. Authenticate with an
+/// admin or operator token: --token, $STEWARD_ADMIN_TOKEN, or --token-file.
 #[derive(Parser)]
 #[command(name = "stewardctl", version, about, long_about = None)]
 struct Cli {
@@ -23,6 +25,10 @@ struct Cli {
     /// File holding the admin token (e.g. .steward/admin.token in dev).
     #[arg(long, global = true, env = "STEWARD_ADMIN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Directory with ca.pem, node.pem and node.key (an operator certificate). Default
+    /// ~/.config/steward/tls; `steward-controlplane dev` prints the one to use.
+    #[arg(long, global = true, env = "STEWARD_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -74,9 +80,26 @@ enum Cmd {
     /// Database actions: move to another cluster.
     #[command(subcommand)]
     Database(DatabaseCmd),
-    /// Host actions: drain (move every database away) and undrain.
+    /// Host actions: drain (move every database away), undrain, revoke.
     #[command(subcommand)]
     Host(HostCmd),
+    /// One-time tokens with which new agents and control-plane nodes get their certificates.
+    #[command(subcommand)]
+    JoinToken(JoinTokenCmd),
+}
+
+#[derive(Subcommand)]
+enum JoinTokenCmd {
+    /// Create a join token (shown once). Start the new agent with
+    /// `steward-agent run --join-token <token> --join-url <control-plane REST address> ...`.
+    Create {
+        /// What the token admits: agent or controlplane.
+        #[arg(long, default_value = "agent")]
+        role: String,
+        /// How long the token stays usable, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -120,6 +143,13 @@ enum HostCmd {
     },
     /// End a drain: the host takes databases again.
     Undrain {
+        /// Host id.
+        host: String,
+    },
+    /// Revoke a host's certificate: its agent can no longer connect, register, heartbeat or
+    /// renew, and the host is treated as down (its primaries fail over). Permanent: a rebuilt
+    /// machine joins under a new host id.
+    Revoke {
         /// Host id.
         host: String,
     },
@@ -373,14 +403,37 @@ fn print_backups(out: Output, backups: &[BackupInfo]) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let tok = token(&cli)?;
-    let url = if cli.server.contains("://") { cli.server.clone() } else { format!("http://{}", cli.server) };
-    let channel = Channel::from_shared(url.clone())
-        .context("invalid --server address")?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the control plane at {url}: is it running? (--server)"))?;
-    let mut c = OperatorClient::new(channel);
+    let tls_dir = match &cli.tls_dir {
+        Some(d) => d.clone(),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".config/steward/tls"))
+            .ok_or_else(|| anyhow::anyhow!("no --tls-dir given and $HOME is not set"))?,
+    };
+    let tls = steward_proto::tls::TlsMaterial::load(&steward_proto::tls::TlsDir(tls_dir.clone()))
+        .with_context(|| format!("loading the operator certificate from {} (--tls-dir)", tls_dir.display()))?;
+    let config = tls.client_config(&[steward_proto::tls::Role::ControlPlane])?;
+    let channel = steward_proto::tls::transport::channel(&cli.server, config, std::time::Duration::from_secs(3))
+        .context("invalid --server address")?;
+    let c = OperatorClient::new(channel);
+    let server = cli.server.clone();
+    let result = run(&cli, c, &tok).await;
+    if let Err(e) = &result {
+        if let Some(status) = e.downcast_ref::<tonic::Status>() {
+            if status.code() == tonic::Code::Unavailable && status.message().contains("transport") {
+                anyhow::bail!(
+                    "cannot reach the control plane at {server}: is it running, and does it trust the certificate in {}? ({})",
+                    tls_dir.display(),
+                    status.message()
+                );
+            }
+            anyhow::bail!("{}", status.message());
+        }
+    }
+    result
+}
+
+async fn run(cli: &Cli, mut c: OperatorClient<Channel>, tok: &str) -> anyhow::Result<()> {
+    let tok = tok.to_string();
     let out = cli.output;
     match &cli.command {
         Cmd::Raft(RaftCmd::Status) => {
@@ -686,6 +739,22 @@ async fn main() -> anyhow::Result<()> {
             let h =
                 c.drain_host(req(&tok, DrainHostRequest { host_id: host.clone(), undrain: true })?).await?.into_inner();
             print_hosts(out, &[h]);
+        }
+        Cmd::Host(HostCmd::Revoke { host }) => {
+            let h = c.revoke_host(req(&tok, RevokeHostRequest { host_id: host.clone() })?).await?.into_inner();
+            print_hosts(out, &[h]);
+        }
+        Cmd::JoinToken(JoinTokenCmd::Create { role, ttl }) => {
+            let r = c
+                .create_join_token(req(&tok, CreateJoinTokenRequest { role: role.clone(), ttl_seconds: *ttl })?)
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                println!("{}", serde_json::json!({"token": r.token, "role": role, "expires_at": r.expires_at}));
+            } else {
+                println!("{}", r.token);
+                eprintln!("one-time {role} join token, valid until {}; it is not shown again", r.expires_at);
+            }
         }
     }
     Ok(())

@@ -4,8 +4,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use steward_proto::tls::Role;
 use steward_proto::v1::control_plane_server::ControlPlane;
-use steward_proto::v1::{HeartbeatReply, HeartbeatRequest, HostFacts, LeaseGrant, RegisterReply, RegisterRequest};
+use steward_proto::v1::{
+    HeartbeatReply, HeartbeatRequest, HostFacts, LeaseGrant, RegisterReply, RegisterRequest, RenewCertificateReply,
+    RenewCertificateRequest,
+};
 use tonic::{Request, Response, Status};
 
 use super::not_leader;
@@ -21,6 +25,26 @@ pub struct AgentFacing {
     pub liveness: Arc<Liveness>,
     pub metrics: Arc<Metrics>,
     pub heartbeat_interval_ms: u32,
+    /// Signs renewed agent certificates.
+    pub ca: Arc<crate::pki::CertAuthority>,
+}
+
+/// The host id the caller's certificate names: an agent speaks only for itself.
+fn caller_host<T>(req: &Request<T>) -> Result<String, Status> {
+    match steward_proto::tls::transport::peer_identity(req) {
+        Some(id) if id.role == Role::Agent => Ok(id.name.clone()),
+        _ => Err(Status::unauthenticated("an agent certificate from the cluster CA is required")),
+    }
+}
+
+fn same_host(cert_host: &str, facts: &HostFacts) -> Result<(), Status> {
+    if cert_host != facts.host_id {
+        return Err(Status::permission_denied(format!(
+            "this agent's certificate is for host {cert_host}, not {}",
+            facts.host_id
+        )));
+    }
+    Ok(())
 }
 
 fn validate(f: &HostFacts) -> Result<(), Status> {
@@ -55,6 +79,7 @@ fn host_from(f: &HostFacts, at: &str) -> Host {
         registered_at: at.to_string(),
         state_changed_at: at.to_string(),
         draining: false,
+        revoked_at: None,
     }
 }
 
@@ -82,6 +107,17 @@ impl AgentFacing {
         out
     }
 
+    /// Refuses a revoked host (its open connection may predate the revocation).
+    async fn refuse_revoked(&self, host_id: &str) -> Result<(), Status> {
+        let host = query::host(self.node.store.pool(), host_id).await.map_err(|e| Status::internal(e.to_string()))?;
+        if host.is_some_and(|h| h.revoked_at.is_some()) {
+            return Err(Status::permission_denied(format!(
+                "host {host_id} is revoked: it may not register, heartbeat or renew its certificate"
+            )));
+        }
+        Ok(())
+    }
+
     async fn has_ha_member(&self, host_id: &str) -> bool {
         let pool = self.node.store.pool();
         let Ok(members) = query::all_members(pool).await else { return false };
@@ -102,8 +138,11 @@ impl ControlPlane for AgentFacing {
         if !self.node.is_leader() {
             return Err(not_leader(&self.node));
         }
+        let cert_host = caller_host(&req)?;
         let facts = req.into_inner().facts.ok_or_else(|| Status::invalid_argument("facts are required"))?;
         validate(&facts)?;
+        same_host(&cert_host, &facts)?;
+        self.refuse_revoked(&facts.host_id).await?;
         let at = crate::now();
         let mut host = host_from(&facts, &at);
         if let Ok(Some(existing)) = query::host(self.node.store.pool(), &facts.host_id).await {
@@ -120,11 +159,16 @@ impl ControlPlane for AgentFacing {
         if !self.node.is_leader() {
             return Err(not_leader(&self.node));
         }
+        let cert_host = caller_host(&req)?;
         let req = req.into_inner();
         let facts = req.facts.ok_or_else(|| Status::invalid_argument("facts are required"))?;
+        same_host(&cert_host, &facts)?;
         self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
         let host =
             query::host(self.node.store.pool(), &facts.host_id).await.map_err(|e| Status::internal(e.to_string()))?;
+        if host.as_ref().is_some_and(|h| h.revoked_at.is_some()) {
+            return Err(Status::permission_denied(format!("host {} is revoked", facts.host_id)));
+        }
         let Some(host) = host else {
             return Ok(Response::new(HeartbeatReply {
                 known: false,
@@ -147,5 +191,21 @@ impl ControlPlane for AgentFacing {
             self.heartbeat_interval_ms
         };
         Ok(Response::new(HeartbeatReply { known: true, heartbeat_interval_ms: interval, leases }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<RenewCertificateRequest>,
+    ) -> Result<Response<RenewCertificateReply>, Status> {
+        let host_id = caller_host(&req)?;
+        self.refuse_revoked(&host_id).await?;
+        let req = req.into_inner();
+        if req.hosts.len() > 32 || req.hosts.iter().any(|h| h.len() > 253) {
+            return Err(Status::invalid_argument("at most 32 host names of at most 253 characters"));
+        }
+        let identity = steward_proto::tls::Identity::new(Role::Agent, host_id.clone());
+        let (certificate, ca) = self.ca.sign(&req.csr, identity, req.hosts).map_err(Status::invalid_argument)?;
+        tracing::info!(host_id = %host_id, "renewed an agent certificate");
+        Ok(Response::new(RenewCertificateReply { certificate, ca }))
     }
 }

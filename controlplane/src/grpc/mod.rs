@@ -4,7 +4,9 @@
 pub mod agent_client;
 pub mod agent_service;
 pub mod operator;
+pub mod revocation;
 
+use steward_proto::tls::Role;
 use tonic::Status;
 
 use crate::raft::node::RaftNode;
@@ -21,4 +23,20 @@ pub fn not_leader(node: &RaftNode) -> Status {
         }
     }
     status
+}
+
+/// Who may call the Raft transport: other control-plane nodes only.
+pub fn raft_access(_path: &str) -> &'static [Role] {
+    &[Role::ControlPlane]
+}
+
+/// Who may call the agent-facing service: agents (each only as itself, checked per call).
+pub fn agent_access(_path: &str) -> &'static [Role] {
+    &[Role::Agent]
+}
+
+/// Who may call the operator service: operators, and nodes forwarding an operator's call to the
+/// leader. The bearer token then decides what the caller may do.
+pub fn operator_access(_path: &str) -> &'static [Role] {
+    &[Role::Operator, Role::ControlPlane]
 }

@@ -16,6 +16,7 @@ use crate::raft::network::channel;
 use crate::raft::node::RaftNode;
 use crate::raft::NodeInfo;
 use crate::reconcile::liveness::Liveness;
+use crate::state::model::token_scope;
 use crate::state::query;
 
 /// Serves operators.
@@ -25,19 +26,18 @@ pub struct OperatorService {
     pub admin_token_hash: Arc<String>,
     /// Reconciler context, for operator actions that drive agents (switchover).
     pub ctx: Arc<crate::reconcile::Ctx>,
+    /// For join tokens, which pin the CA's fingerprint.
+    pub ca: Arc<crate::pki::CertAuthority>,
 }
 
-fn authorize<T>(req: &Request<T>, admin_hash: &str) -> Result<String, Status> {
-    let value = req
-        .metadata()
+fn bearer<T>(req: &Request<T>) -> Result<String, Status> {
+    req.metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| Status::unauthenticated("missing 'authorization: Bearer <admin token>' metadata"))?;
-    if token_hash(value.trim()) != admin_hash {
-        return Err(Status::unauthenticated("invalid admin token"));
-    }
-    Ok(value.trim().to_string())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| Status::unauthenticated("missing 'authorization: Bearer <admin or operator token>' metadata"))
 }
 
 fn members(node: &RaftNode) -> Vec<RaftMember> {
@@ -80,13 +80,34 @@ impl OperatorService {
         })
     }
 
+    /// Checks the bearer token: the admin token, or an admin or operator token that is not
+    /// revoked. Returns it (calls forwarded to the leader carry it on).
+    async fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let token = bearer(req)?;
+        let hash = token_hash(&token);
+        if hash == *self.admin_token_hash {
+            return Ok(token);
+        }
+        let pool = self.node.store.pool();
+        let mut found = query::token_by_hash(pool, &hash).await.map_err(internal)?;
+        if found.is_none() {
+            self.read().await?;
+            found = query::token_by_hash(pool, &hash).await.map_err(internal)?;
+        }
+        match found {
+            Some(t) if t.scope == token_scope::ADMIN || t.scope == token_scope::OPERATOR => Ok(token),
+            Some(_) => Err(Status::permission_denied("team tokens cannot use the operator API")),
+            None => Err(Status::unauthenticated("unknown or revoked token")),
+        }
+    }
+
     async fn read(&self) -> Result<(), Status> {
         self.node.linearizable_read().await.map_err(|e| Status::unavailable(e.to_string()))
     }
 
     async fn leader_client(&self) -> Result<OperatorClient<tonic::transport::Channel>, Status> {
         let (_, info) = self.node.leader().ok_or_else(|| Status::unavailable("no leader is known; retry shortly"))?;
-        Ok(OperatorClient::new(channel(&info.grpc_addr).map_err(internal)?))
+        Ok(OperatorClient::new(channel(&info.grpc_addr, &self.node.peer_tls).map_err(internal)?))
     }
 
     fn forwarded<T>(token: &str, msg: T) -> Result<Request<T>, Status> {
@@ -100,7 +121,7 @@ impl OperatorService {
 #[tonic::async_trait]
 impl Operator for OperatorService {
     async fn raft_status(&self, req: Request<RaftStatusRequest>) -> Result<Response<RaftStatusReply>, Status> {
-        authorize(&req, &self.admin_token_hash)?;
+        self.authorize(&req).await?;
         let m = self.node.raft.metrics().borrow().clone();
         Ok(Response::new(RaftStatusReply {
             node_id: self.node.id,
@@ -117,7 +138,7 @@ impl Operator for OperatorService {
     }
 
     async fn add_node(&self, req: Request<AddNodeRequest>) -> Result<Response<MembershipReply>, Status> {
-        let token = authorize(&req, &self.admin_token_hash)?;
+        let token = self.authorize(&req).await?;
         let r = req.into_inner();
         if r.id == 0 || r.grpc_addr.is_empty() || r.api_addr.is_empty() {
             return Err(Status::invalid_argument("id (> 0), grpc_addr and api_addr are required"));
@@ -145,7 +166,7 @@ impl Operator for OperatorService {
     }
 
     async fn remove_node(&self, req: Request<RemoveNodeRequest>) -> Result<Response<MembershipReply>, Status> {
-        let token = authorize(&req, &self.admin_token_hash)?;
+        let token = self.authorize(&req).await?;
         let r = req.into_inner();
         if !self.node.is_leader() {
             let mut c = self.leader_client().await?;
@@ -174,7 +195,7 @@ impl Operator for OperatorService {
     }
 
     async fn list_hosts(&self, req: Request<ListHostsRequest>) -> Result<Response<ListHostsReply>, Status> {
-        let token = authorize(&req, &self.admin_token_hash)?;
+        let token = self.authorize(&req).await?;
         // Heartbeats reach the leader only: it alone knows when each host was last heard.
         if !self.node.is_leader() {
             let mut c = self.leader_client().await?;
@@ -191,7 +212,7 @@ impl Operator for OperatorService {
     }
 
     async fn list_clusters(&self, req: Request<ListClustersRequest>) -> Result<Response<ListClustersReply>, Status> {
-        let token = authorize(&req, &self.admin_token_hash)?;
+        let token = self.authorize(&req).await?;
         // Members' observed state (running, recovery, LSNs) comes from heartbeats, which only the
         // leader receives: a follower would report every member stopped.
         if !self.node.is_leader() {
@@ -248,7 +269,7 @@ impl Operator for OperatorService {
     }
 
     async fn list_databases(&self, req: Request<ListDatabasesRequest>) -> Result<Response<ListDatabasesReply>, Status> {
-        authorize(&req, &self.admin_token_hash)?;
+        self.authorize(&req).await?;
         self.read().await?;
         let dbs = query::all_databases(self.node.store.pool()).await.map_err(internal)?;
         let databases = dbs
@@ -267,7 +288,7 @@ impl Operator for OperatorService {
     }
 
     async fn switchover(&self, req: Request<SwitchoverRequest>) -> Result<Response<SwitchoverReply>, Status> {
-        let token = authorize(&req, &self.admin_token_hash)?;
+        let token = self.authorize(&req).await?;
         let r = req.into_inner();
         if !self.node.is_leader() {
             let mut c = self.leader_client().await?;
@@ -287,7 +308,7 @@ impl Operator for OperatorService {
     }
 
     async fn get_operation(&self, req: Request<GetOperationRequest>) -> Result<Response<OperationInfo>, Status> {
-        authorize(&req, &self.admin_token_hash)?;
+        self.authorize(&req).await?;
         self.read().await?;
         let id = req.into_inner().id;
         let op = query::operation(self.node.store.pool(), &id)
@@ -298,7 +319,7 @@ impl Operator for OperatorService {
     }
 
     async fn start_backup(&self, req: Request<StartBackupRequest>) -> Result<Response<OperationInfo>, Status> {
-        let token = authorize(&req, &self.admin_token_hash)?;
+        let token = self.authorize(&req).await?;
         let r = req.into_inner();
         if !self.node.is_leader() {
             let mut c = self.leader_client().await?;
@@ -335,7 +356,7 @@ impl Operator for OperatorService {
     }
 
     async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<ListAuditReply>, Status> {
-        authorize(&req, &self.admin_token_hash)?;
+        self.authorize(&req).await?;
         self.read().await?;
         let r = req.into_inner();
         let target = (!r.target.is_empty()).then_some(r.target.as_str());
@@ -345,7 +366,7 @@ impl Operator for OperatorService {
     }
 
     async fn move_database(&self, req: Request<MoveDatabaseRequest>) -> Result<Response<MoveDatabaseReply>, Status> {
-        let token = authorize(&req, &self.admin_token_hash)?;
+        let token = self.authorize(&req).await?;
         let r = req.into_inner();
         if !self.node.is_leader() {
             let mut c = self.leader_client().await?;
@@ -371,7 +392,7 @@ impl Operator for OperatorService {
     }
 
     async fn abort_move(&self, req: Request<AbortMoveRequest>) -> Result<Response<OperationInfo>, Status> {
-        let token = authorize(&req, &self.admin_token_hash)?;
+        let token = self.authorize(&req).await?;
         let r = req.into_inner();
         if !self.node.is_leader() {
             let mut c = self.leader_client().await?;
@@ -387,7 +408,7 @@ impl Operator for OperatorService {
     }
 
     async fn drain_host(&self, req: Request<DrainHostRequest>) -> Result<Response<HostInfo>, Status> {
-        let token = authorize(&req, &self.admin_token_hash)?;
+        let token = self.authorize(&req).await?;
         let r = req.into_inner();
         if !self.node.is_leader() {
             let mut c = self.leader_client().await?;
@@ -417,7 +438,7 @@ impl Operator for OperatorService {
     }
 
     async fn list_backups(&self, req: Request<ListBackupsRequest>) -> Result<Response<ListBackupsReply>, Status> {
-        authorize(&req, &self.admin_token_hash)?;
+        self.authorize(&req).await?;
         self.read().await?;
         let r = req.into_inner();
         let cluster = (!r.cluster_id.is_empty()).then_some(r.cluster_id.as_str());
@@ -445,6 +466,66 @@ impl Operator for OperatorService {
             })
             .collect();
         Ok(Response::new(ListBackupsReply { backups }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenReply>, Status> {
+        let token = self.authorize(&req).await?;
+        let r = req.into_inner();
+        let role = steward_proto::tls::Role::parse(&r.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if role == steward_proto::tls::Role::Operator {
+            return Err(Status::invalid_argument(
+                "join tokens are for agents and control-plane nodes; issue operator certificates with `steward-controlplane pki issue`",
+            ));
+        }
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.create_join_token(Self::forwarded(&token, r)?).await;
+        }
+        let ttl = if r.ttl_seconds == 0 { 3600 } else { r.ttl_seconds.min(30 * 86_400) };
+        let fingerprint = self.ca.fingerprint().map_err(internal)?;
+        let join = steward_proto::tls::join::JoinToken::generate(&fingerprint).map_err(internal)?;
+        let now = chrono::Utc::now();
+        let expires_at = (now + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(3600)))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let cmd = crate::state::Command::AddJoinToken {
+            hash: join.hash(),
+            role: role.to_string(),
+            expires_at: expires_at.clone(),
+            at: crate::now(),
+            actor: "operator".into(),
+        };
+        self.node.write(cmd).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(CreateJoinTokenReply { token: join.to_string(), expires_at }))
+    }
+
+    async fn revoke_host(&self, req: Request<RevokeHostRequest>) -> Result<Response<HostInfo>, Status> {
+        let token = self.authorize(&req).await?;
+        let r = req.into_inner();
+        if !self.node.is_leader() {
+            let mut c = self.leader_client().await?;
+            return c.revoke_host(Self::forwarded(&token, r)?).await;
+        }
+        let cmd = crate::state::Command::RevokeHost {
+            host_id: r.host_id.clone(),
+            at: crate::now(),
+            actor: "operator".into(),
+        };
+        match self.node.write(cmd).await.map_err(|e| Status::unavailable(e.to_string()))? {
+            crate::state::Response::Done => {}
+            crate::state::Response::NotFound { message } => {
+                return Err(Status::not_found(format!("{message} (see stewardctl hosts)")))
+            }
+            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+        tracing::warn!(host_id = %r.host_id, "host revoked");
+        let h = query::host(self.node.store.pool(), &r.host_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("host {} is not registered", r.host_id)))?;
+        Ok(Response::new(self.host_info(h).await?))
     }
 }
 

@@ -10,35 +10,37 @@ use openraft::raft::{
     VoteResponse,
 };
 use serde::de::DeserializeOwned;
+use std::sync::Arc;
 use steward_proto::v1::raft_client::RaftClient;
 use steward_proto::v1::RaftPayload;
-use tonic::transport::{Channel, Endpoint};
+
+use steward_proto::tls::TlsError;
+use tonic::transport::Channel;
 
 use super::{NodeId, NodeInfo, TypeConfig};
 
-/// Builds a lazily connecting channel to a control-plane node's gRPC endpoint.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(url)?
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .connect_lazy())
+/// Builds a lazily connecting mutual-TLS channel to a control-plane node's gRPC endpoint.
+pub fn channel(addr: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Channel, TlsError> {
+    steward_proto::tls::transport::channel(addr, tls.clone(), Duration::from_millis(500))
 }
 
 /// Creates one [`Network`] per peer.
-#[derive(Clone, Default)]
-pub struct NetworkFactory;
+#[derive(Clone)]
+pub struct NetworkFactory {
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl NetworkFactory {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        Self { tls }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Network;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
-        Network { target, client: channel(&node.grpc_addr).map(RaftClient::new).map_err(|e| e.to_string()) }
+        Network { target, client: channel(&node.grpc_addr, &self.tls).map(RaftClient::new).map_err(|e| e.to_string()) }
     }
 }
 

@@ -16,6 +16,8 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
 use super::log_store::LogStore;
+use steward_proto::tls::{Role, TlsMaterial};
+
 use super::network::{channel, NetworkFactory};
 use super::state_machine::{SmStats, StateMachine};
 use super::{NodeId, NodeInfo, Raft};
@@ -79,6 +81,12 @@ pub struct RaftNode {
     pub store: Store,
     pub log: LogStore,
     pub stats: Arc<SmStats>,
+    /// This node's certificate and trust; client configs below present it.
+    pub tls: Arc<TlsMaterial>,
+    /// Client TLS towards other control-plane nodes (they must present a control-plane certificate).
+    pub peer_tls: Arc<rustls::ClientConfig>,
+    /// Client TLS towards agents (they must present an agent certificate).
+    pub agent_tls: Arc<rustls::ClientConfig>,
     peers: Mutex<HashMap<String, RaftClient<Channel>>>,
 }
 
@@ -87,7 +95,14 @@ const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 impl RaftNode {
     /// Opens the stores under `dir` and starts openraft.
-    pub async fn start(id: NodeId, dir: &Path, settings: &RaftSettings) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(
+        id: NodeId,
+        dir: &Path,
+        settings: &RaftSettings,
+        tls: Arc<TlsMaterial>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let peer_tls = tls.client_config(&[Role::ControlPlane])?;
+        let agent_tls = tls.client_config(&[Role::Agent])?;
         std::fs::create_dir_all(dir)?;
         let store = Store::open(dir).await?;
         let log = LogStore::open(dir).await?;
@@ -105,8 +120,8 @@ impl RaftNode {
             ..Default::default()
         };
         let config = Arc::new(config.validate()?);
-        let raft = Raft::new(id, config, NetworkFactory, log.clone(), sm).await?;
-        Ok(Arc::new(Self { id, raft, store, log, stats, peers: Mutex::new(HashMap::new()) }))
+        let raft = Raft::new(id, config, NetworkFactory::new(peer_tls.clone()), log.clone(), sm).await?;
+        Ok(Arc::new(Self { id, raft, store, log, stats, tls, peer_tls, agent_tls, peers: Mutex::new(HashMap::new()) }))
     }
 
     /// Initializes a new group with `members` if this node has never been part of one.
@@ -187,7 +202,7 @@ impl RaftNode {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let c = RaftClient::new(channel(addr).map_err(|e| RaftApiError::Raft(e.to_string()))?);
+        let c = RaftClient::new(channel(addr, &self.peer_tls).map_err(|e| RaftApiError::Raft(e.to_string()))?);
         peers.insert(addr.to_string(), c.clone());
         Ok(c)
     }

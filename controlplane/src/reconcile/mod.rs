@@ -63,9 +63,9 @@ impl Ctx {
         archive_grace: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
+            agents: AgentClients::new(node.agent_tls.clone()),
             node,
             liveness,
-            agents: AgentClients::default(),
             metrics,
             down_after,
             backup_policy,

@@ -85,6 +85,7 @@ mod tests {
             registered_at: String::new(),
             state_changed_at: String::new(),
             draining: false,
+            revoked_at: None,
         }
     }
 

@@ -10,7 +10,7 @@ use super::model::{db_state, member_role, move_state, op_kind, op_state, Member}
 /// Applies `cmd`; an `Err` is a storage failure (the transaction is rolled back by the caller).
 pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Response, sqlx::Error> {
     match cmd {
-        Command::CreateTeam { name, contact, token_hash, at, actor } => {
+        Command::CreateTeam { name, contact, token_hash, at, actor, token_id } => {
             let exists: Option<(String,)> =
                 sqlx::query_as("SELECT name FROM teams WHERE name = ?").bind(name).fetch_optional(&mut *conn).await?;
             if exists.is_some() {
@@ -24,7 +24,110 @@ pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Respons
                 .bind(at)
                 .execute(&mut *conn)
                 .await?;
+            let id = token_id.clone().unwrap_or_else(|| format!("team-{name}"));
+            sqlx::query(
+                "INSERT INTO tokens (id, hash, scope, team, name, created_at) VALUES (?, ?, 'team', ?, 'created with the team', ?)",
+            )
+            .bind(&id)
+            .bind(token_hash)
+            .bind(name)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
             audit(conn, at, actor, "team.create", name, "ok").await?;
+            Ok(Response::Done)
+        }
+        Command::CreateToken { token, actor } => {
+            if let Some(team) = &token.team {
+                let exists: Option<(String,)> = sqlx::query_as("SELECT name FROM teams WHERE name = ?")
+                    .bind(team)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                if exists.is_none() {
+                    audit(conn, &token.created_at, actor, "token.create", &token.id, "no such team").await?;
+                    return Ok(Response::NotFound { message: format!("team '{team}' does not exist") });
+                }
+            }
+            sqlx::query("INSERT INTO tokens (id, hash, scope, team, name, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+                .bind(&token.id)
+                .bind(&token.hash)
+                .bind(&token.scope)
+                .bind(&token.team)
+                .bind(&token.name)
+                .bind(&token.created_at)
+                .execute(&mut *conn)
+                .await?;
+            audit(conn, &token.created_at, actor, "token.create", &token.id, "ok").await?;
+            Ok(Response::Done)
+        }
+        Command::RevokeToken { id, at, actor } => {
+            let r = sqlx::query("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                .bind(at)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            if r.rows_affected() == 0 {
+                return Ok(Response::NotFound { message: format!("token {id} does not exist") });
+            }
+            audit(conn, at, actor, "token.revoke", id, "ok").await?;
+            Ok(Response::Done)
+        }
+        Command::AddJoinToken { hash, role, expires_at, at, actor } => {
+            sqlx::query("INSERT OR IGNORE INTO join_tokens (hash, role, expires_at, created_at) VALUES (?, ?, ?, ?)")
+                .bind(hash)
+                .bind(role)
+                .bind(expires_at)
+                .bind(at)
+                .execute(&mut *conn)
+                .await?;
+            audit(conn, at, actor, "join_token.create", role, "ok").await?;
+            Ok(Response::Done)
+        }
+        Command::UseJoinToken { hash, role, name, at } => {
+            let r = sqlx::query(
+                "UPDATE join_tokens SET used_at = ?, used_by = ?
+                 WHERE hash = ? AND role = ? AND used_at IS NULL AND expires_at > ?",
+            )
+            .bind(at)
+            .bind(name)
+            .bind(hash)
+            .bind(role)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+            let target = format!("{role}/{name}");
+            if r.rows_affected() == 0 {
+                audit(conn, at, &target, "join", &target, "refused").await?;
+                return Ok(Response::Conflict {
+                    message: format!("the join token is unknown, already used, expired, or not for role '{role}'"),
+                });
+            }
+            audit(conn, at, &target, "join", &target, "ok").await?;
+            Ok(Response::Done)
+        }
+        Command::RevokeHost { host_id, at, actor } => {
+            let r = sqlx::query("UPDATE hosts SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                .bind(at)
+                .bind(host_id)
+                .execute(&mut *conn)
+                .await?;
+            if r.rows_affected() == 0 {
+                return Ok(Response::NotFound { message: format!("host {host_id} does not exist") });
+            }
+            audit(conn, at, actor, "host.revoke", host_id, "ok").await?;
+            Ok(Response::Done)
+        }
+        Command::SetDatabasePassword { id, password, at, actor } => {
+            let r = sqlx::query("UPDATE databases SET password = ?, updated_at = ? WHERE id = ?")
+                .bind(password)
+                .bind(at)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            if r.rows_affected() == 0 {
+                return Ok(Response::NotFound { message: format!("database {id} does not exist") });
+            }
+            audit(conn, at, actor, "database.credentials.rotate", id, "ok").await?;
             Ok(Response::Done)
         }
         Command::UpsertHost { host } => {

@@ -25,6 +25,7 @@ fn host(id: &str) -> Host {
         registered_at: "t0".into(),
         state_changed_at: "t0".into(),
         draining: false,
+        revoked_at: None,
     }
 }
 
@@ -121,6 +122,7 @@ async fn setup() -> (tempfile::TempDir, Store) {
         token_hash: "h".into(),
         at: "t0".into(),
         actor: "a".into(),
+        token_id: None,
     };
     assert_eq!(run(&store, team).await, Response::Done);
     for (h, c) in [("a", "c-a"), ("b", "c-b")] {

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Backup, Cluster, Database, Host, Member, Move, Operation, RestoreSource};
+use super::model::{Backup, Cluster, Database, Host, Member, Move, Operation, RestoreSource, Token};
 
 /// One change to the replicated state. (Variants differ in size; commands are short-lived and
 /// serialized right away, so boxing would buy nothing.)
@@ -16,6 +16,47 @@ pub enum Command {
         name: String,
         contact: String,
         token_hash: String,
+        at: String,
+        actor: String,
+        /// Id of the team's first token (entries from before tokens had ids: `team-<name>`).
+        #[serde(default)]
+        token_id: Option<String>,
+    },
+    /// A new API token (its hash) with a scope.
+    CreateToken {
+        token: Token,
+        actor: String,
+    },
+    RevokeToken {
+        id: String,
+        at: String,
+        actor: String,
+    },
+    /// A one-time join token for an agent or a control-plane node.
+    AddJoinToken {
+        hash: String,
+        role: String,
+        expires_at: String,
+        at: String,
+        actor: String,
+    },
+    /// Spends a join token: refused if unknown, used, expired or for another role.
+    UseJoinToken {
+        hash: String,
+        role: String,
+        name: String,
+        at: String,
+    },
+    /// Revokes a host's certificate.
+    RevokeHost {
+        host_id: String,
+        at: String,
+        actor: String,
+    },
+    /// A database's generated password was rotated.
+    SetDatabasePassword {
+        id: String,
+        password: String,
         at: String,
         actor: String,
     },

@@ -50,6 +50,26 @@ pub struct Team {
     pub created_at: String,
 }
 
+/// An API token (other than the admin token): only its hash is kept.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct Token {
+    pub id: String,
+    pub hash: String,
+    /// `admin`, `operator` or `team`.
+    pub scope: String,
+    pub team: Option<String>,
+    pub name: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+/// Token scopes.
+pub mod token_scope {
+    pub const ADMIN: &str = "admin";
+    pub const OPERATOR: &str = "operator";
+    pub const TEAM: &str = "team";
+}
+
 /// A database host as its agent described it at registration.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
 pub struct Host {
@@ -74,12 +94,17 @@ pub struct Host {
     /// Kept across re-registrations; `state` still says whether it is alive.
     #[serde(default)]
     pub draining: bool,
+    /// Set when an operator revoked the host's certificate.
+    #[serde(default)]
+    pub revoked_at: Option<String>,
 }
 
 impl Host {
     /// `down`, `draining` or `active`, as operators see it.
     pub fn shown_state(&self) -> &str {
-        if self.state == host_state::ACTIVE && self.draining {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if self.state == host_state::ACTIVE && self.draining {
             host_state::DRAINING
         } else {
             &self.state

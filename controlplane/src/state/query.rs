@@ -3,11 +3,28 @@
 
 use sqlx::SqlitePool;
 
-use super::model::{Backup, Cluster, Database, Host, Member, Move, Operation, RestoreSource, Team};
+use super::model::{Backup, Cluster, Database, Host, Member, Move, Operation, RestoreSource, Team, Token};
 
 /// The team whose token hashes to `token_hash`.
-pub async fn team_by_token_hash(pool: &SqlitePool, token_hash: &str) -> Result<Option<Team>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM teams WHERE token_hash = ?").bind(token_hash).fetch_optional(pool).await
+/// The live (not revoked) token with this hash.
+pub async fn token_by_hash(pool: &SqlitePool, hash: &str) -> Result<Option<Token>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM tokens WHERE hash = ? AND revoked_at IS NULL").bind(hash).fetch_optional(pool).await
+}
+
+/// Every token, oldest first.
+pub async fn tokens(pool: &SqlitePool) -> Result<Vec<Token>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM tokens ORDER BY created_at, id").fetch_all(pool).await
+}
+
+pub async fn token(pool: &SqlitePool, id: &str) -> Result<Option<Token>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM tokens WHERE id = ?").bind(id).fetch_optional(pool).await
+}
+
+/// Ids of hosts whose certificates are revoked.
+pub async fn revoked_hosts(pool: &SqlitePool) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT id FROM hosts WHERE revoked_at IS NOT NULL").fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
 }
 
 pub async fn team(pool: &SqlitePool, name: &str) -> Result<Option<Team>, sqlx::Error> {
