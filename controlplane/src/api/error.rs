@@ -20,6 +20,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The request body is larger than the API accepts.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("{0}")]
     Unprocessable(String),
     #[error("{0}")]
@@ -36,6 +39,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -88,6 +92,11 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
             JsonSyntaxError(e) => ApiError::BadRequest(format!("malformed JSON: {}", e.body_text())),
             MissingJsonContentType(_) => {
                 ApiError::BadRequest("send the body as JSON with 'Content-Type: application/json'".into())
+            }
+            // A body over the limit (`DefaultBodyLimit` in `api::router`) is not the caller's
+            // syntax error: say so with 413, as the contract documents.
+            other if other.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge(format!("{}: send at most 64 KiB", other.body_text()))
             }
             other => ApiError::BadRequest(other.body_text()),
         }
