@@ -2,7 +2,7 @@
 //! databases: another team's database is reported as not found.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::Json;
@@ -11,6 +11,7 @@ use sqlx::SqlitePool;
 
 use super::auth::{caller, Caller};
 use super::error::ApiError;
+use super::extract::Path;
 use super::validate::{self, NewDatabase, RestoreRequest, ValidDatabase};
 use super::AppState;
 use crate::reconcile::{placement, plan};

@@ -20,10 +20,11 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("{0}")]
-    Unprocessable(String),
+    /// The request body is larger than the API accepts.
     #[error("{0}")]
     PayloadTooLarge(String),
+    #[error("{0}")]
+    Unprocessable(String),
     /// Over the per-token request rate; retry after the given seconds.
     #[error("too many requests: retry in {0} s")]
     TooManyRequests(u64),
@@ -100,8 +101,10 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
             MissingJsonContentType(_) => {
                 ApiError::BadRequest("send the body as JSON with 'Content-Type: application/json'".into())
             }
-            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::PayloadTooLarge("the request body is larger than 64 KiB".into())
+            // A body over the limit (`DefaultBodyLimit` in `api::router`) is not the caller's
+            // syntax error: say so with 413, as the contract documents.
+            other if other.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge(format!("{}: send at most 64 KiB", other.body_text()))
             }
             other => ApiError::BadRequest(other.body_text()),
         }

@@ -4,7 +4,7 @@
 //! refused change answers 409 with what to do instead, the same on every node.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use super::auth::{caller, Caller};
 use super::databases::view;
 use super::error::ApiError;
+use super::extract::Path;
 use super::validate::{self, DeprecateRequest, TransferRequest};
 use super::AppState;
 use crate::state::lifecycle::Action;

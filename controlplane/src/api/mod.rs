@@ -4,9 +4,11 @@
 pub mod auth;
 pub mod databases;
 pub mod error;
+pub mod extract;
 pub mod join;
 pub mod lifecycle;
 pub mod limits;
+pub mod openapi;
 pub mod operations;
 pub mod serve;
 pub mod system;
@@ -42,9 +44,12 @@ pub struct AppState {
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
 
-/// The `/v1`, `/healthz` and `/metrics` routes.
+/// The `/v1`, `/healthz` and `/metrics` routes. Every route here must be described in
+/// `openapi.json` (the `api::openapi` tests read this function's `.route(...)` calls and fail
+/// on any difference), so add or change both together.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/v1/openapi.json", get(openapi::get))
         .route("/v1/teams", post(teams::create))
         .route("/v1/databases", post(databases::create).get(databases::list))
         .route("/v1/databases/:id", get(databases::get).delete(lifecycle::delete))

@@ -1,13 +1,14 @@
 //! `GET /v1/operations/{id}`: progress of an asynchronous job, visible to the owner of the
 //! database it concerns (others get 404) and to the admin.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::auth::{caller, Caller};
 use super::error::ApiError;
+use super::extract::Path;
 use super::AppState;
 use crate::state::model::Operation;
 use crate::state::query;

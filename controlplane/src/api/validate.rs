@@ -81,7 +81,8 @@ pub fn database(req: &NewDatabase) -> Result<ValidDatabase, ApiError> {
                 .into(),
         ));
     }
-    if purpose.len() > 1000 {
+    // Characters, not bytes, as the message (and the OpenAPI document's maxLength) says.
+    if purpose.chars().count() > 1000 {
         return Err(ApiError::Unprocessable("purpose is longer than 1000 characters".into()));
     }
     let plan = req.plan.clone().unwrap_or_else(|| "small".into());
@@ -194,7 +195,7 @@ pub struct DeprecateRequest {
 /// normalized sunset time.
 pub fn deprecation(req: &DeprecateRequest, now: chrono::DateTime<chrono::Utc>) -> Result<String, ApiError> {
     let reason = req.reason.trim();
-    if reason.is_empty() || reason.len() > 1000 {
+    if reason.is_empty() || reason.chars().count() > 1000 {
         return Err(ApiError::Unprocessable(
             "reason must be 1-1000 characters: say why the database goes away and what replaces it".into(),
         ));
@@ -288,6 +289,9 @@ mod tests {
         }
         let e = database(&req("ok", "   ")).unwrap_err();
         assert!(e.to_string().contains("purpose must not be empty"));
+        // 1000 characters is the limit, however many bytes they take.
+        assert!(database(&req("ok", &"é".repeat(1000))).is_ok());
+        assert!(database(&req("ok", &"é".repeat(1001))).is_err());
     }
 
     #[test]
