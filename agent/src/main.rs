@@ -22,7 +22,7 @@ enum Cmd {
     /// Run the agent daemon: register with the control plane, heartbeat, serve commands.
     ///
     /// Example: steward-agent run --control-plane 10.0.0.1:7400 --advertise 10.0.0.7:7410 --data-path /var/lib/steward/agent
-    Run(AgentArgs),
+    Run(Box<AgentArgs>),
     /// Archive one WAL file into the repository (PostgreSQL's archive_command; exits 0 only
     /// once the file is durable there).
     ///
@@ -112,7 +112,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Cmd::Run(args) => match rt.block_on(run_daemon(args)) {
+        Cmd::Run(args) => match rt.block_on(run_daemon(*args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("Error: {e:#}");

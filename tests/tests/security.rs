@@ -13,9 +13,7 @@ use steward_proto::tls::{Identity, Role, TlsDir, TlsMaterial};
 use steward_proto::v1::control_plane_client::ControlPlaneClient;
 use steward_proto::v1::operator_client::OperatorClient;
 use steward_proto::v1::raft_client::RaftClient;
-use steward_proto::v1::{
-    HeartbeatRequest, ListHostsRequest, RaftPayload, RaftStatusRequest, RegisterRequest,
-};
+use steward_proto::v1::{HeartbeatRequest, ListHostsRequest, RaftPayload, RaftStatusRequest, RegisterRequest};
 use steward_tests::sim::{facts, op_req};
 use steward_tests::{admin_token, bin, tls, wait_for, wait_leader, Node, Proc, Rest, Scratch};
 
@@ -109,13 +107,15 @@ async fn grpc_admits_only_certificates_of_the_cluster_ca_with_the_right_role() -
     // roles: an agent certificate may not use the operator service, nor Raft; an operator may
     // not heartbeat; an agent speaks only for its own host id
     let agent = tls::host_material("sec-host-1")?;
-    let e = raft_status(tls::channel_with(&addr, &agent)?, &one.admin).await.err().context("agent used operator API")?;
+    let e =
+        raft_status(tls::channel_with(&addr, &agent)?, &one.admin).await.err().context("agent used operator API")?;
     ensure!(e.code() == tonic::Code::PermissionDenied, "{e:?}");
     let mut raft = RaftClient::new(tls::channel_with(&addr, &agent)?);
     let e = raft.vote(RaftPayload { json: b"{}".to_vec() }).await.err().context("agent used the Raft transport")?;
     ensure!(e.code() == tonic::Code::PermissionDenied, "{e:?}");
     let mut cp = ControlPlaneClient::new(tls::operator_channel(&addr)?);
-    let e = cp.register(RegisterRequest { facts: Some(facts("sec-host-1")) }).await.err().context("operator registered")?;
+    let e =
+        cp.register(RegisterRequest { facts: Some(facts("sec-host-1")) }).await.err().context("operator registered")?;
     ensure!(e.code() == tonic::Code::PermissionDenied, "{e:?}");
     let mut cp = ControlPlaneClient::new(tls::channel_with(&addr, &agent)?);
     let e = cp
@@ -314,7 +314,8 @@ async fn api_tokens_are_scoped_revocable_and_rate_limited() -> Result<()> {
     let operator_id = v["id"].as_str().context("token id")?.to_string();
     let (s, _) = rest.get(&url("/v1/databases"), &operator).await?;
     ensure!(s == 200, "operator list: {s}");
-    let (s, _) = rest.post(&url("/v1/databases"), &operator, &json!({"name": "x", "owner": "shop", "purpose": "p"})).await?;
+    let (s, _) =
+        rest.post(&url("/v1/databases"), &operator, &json!({"name": "x", "owner": "shop", "purpose": "p"})).await?;
     ensure!(s == 403, "operator created a database: {s}");
     let ctl = |token: &str| {
         std::process::Command::new(bin("stewardctl"))
@@ -332,8 +333,12 @@ async fn api_tokens_are_scoped_revocable_and_rate_limited() -> Result<()> {
     let (s, v) = rest.get(&url("/v1/tokens"), &one.admin).await?;
     ensure!(s == 200 && v["tokens"].as_array().is_some_and(|t| t.len() >= 2), "token list: {s} {v}");
     let listed = v.to_string();
-    ensure!(!listed.contains(&operator) && !listed.contains(&team) && !listed.contains("hash"), "secrets listed: {listed}");
-    let (s, v) = rest.send(reqwest::Method::DELETE, &url(&format!("/v1/tokens/{operator_id}")), Some(&one.admin), None).await?;
+    ensure!(
+        !listed.contains(&operator) && !listed.contains(&team) && !listed.contains("hash"),
+        "secrets listed: {listed}"
+    );
+    let (s, v) =
+        rest.send(reqwest::Method::DELETE, &url(&format!("/v1/tokens/{operator_id}")), Some(&one.admin), None).await?;
     ensure!(s == 200 && v["revoked_at"].is_string(), "revoke: {s} {v}");
     let (s, v) = rest.get(&url("/v1/databases"), &operator).await?;
     ensure!(s == 401, "a revoked token still works: {s} {v}");
