@@ -360,3 +360,91 @@ async fn api_tokens_are_scoped_revocable_and_rate_limited() -> Result<()> {
     ensure!(s == 200, "another token was limited too: {s}");
     Ok(())
 }
+
+/// Every regular file under `dir` (logs of the node, the agent and PostgreSQL).
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => files_under(&p, out),
+            Ok(t) if t.is_file() => out.push(p),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_credentials_work_and_no_secret_reaches_logs_metrics_or_errors() -> Result<()> {
+    let scratch = Scratch::new("steward-sec-secrets-")?;
+    let root = scratch.path();
+    let stack = steward_tests::Stack::start(root).await?;
+    let team = stack.team("vault").await?;
+    let db = stack.active_database(&team, "ledger").await?;
+    let id = db["id"].as_str().context("database id")?.to_string();
+    let old_uri = db["connection"]["uri"].as_str().context("uri")?.to_string();
+    let old_password = db["connection"]["password"].as_str().context("password")?.to_string();
+    ensure!(old_uri.contains("sslmode=require"), "the URI does not require TLS: {old_uri}");
+    steward_tests::pg_connect(&old_uri).await?.simple_query("CREATE TABLE t (x int)").await?;
+
+    // rotate: the new password works, the old one no longer does
+    let url = |p: &str| stack.node().url(p);
+    let (s, v) = stack.rest.post(&url(&format!("/v1/databases/{id}/credentials/rotate")), &team, &json!({})).await?;
+    ensure!(s == 200, "rotate: {s} {v}");
+    let new_uri = v["connection"]["uri"].as_str().context("new uri")?.to_string();
+    let new_password = v["connection"]["password"].as_str().context("new password")?.to_string();
+    ensure!(new_password != old_password && new_uri != old_uri, "the password did not change");
+    let c = steward_tests::pg_connect(&new_uri).await?;
+    let n = c.simple_query("SELECT count(*) FROM t").await?;
+    ensure!(!n.is_empty(), "the data is still there");
+    let e = steward_tests::pg_connect(&old_uri).await.err().context("the old password still works")?;
+    ensure!(format!("{e:#}").contains("password"), "{e:#}");
+    let (s, v) = stack.rest.get(&url(&format!("/v1/databases/{id}")), &team).await?;
+    ensure!(s == 200 && v["connection"]["password"] == new_password.as_str(), "GET after rotate: {v}");
+    // another team cannot rotate it, an operator token cannot either
+    let other = stack.team("nosy").await?;
+    let (s, _) = stack.rest.post(&url(&format!("/v1/databases/{id}/credentials/rotate")), &other, &json!({})).await?;
+    ensure!(s == 404, "another team rotated: {s}");
+
+    // errors do not echo secrets
+    let wrong = format!("{}x", team);
+    let (s, v) = stack.rest.get(&url("/v1/databases"), &wrong).await?;
+    ensure!(s == 401 && !v.to_string().contains(&wrong), "401 echoes the token: {v}");
+    let (s, v) = stack.rest.post(&url("/v1/join"), &team, &json!({"token": format!("stj_{}", "0".repeat(48)), "role": "agent", "name": "x", "csr": "junk"})).await?;
+    ensure!(s == 401 || s == 422, "bad join: {s} {v}");
+    let (ok, join_token, err) = stack.stewardctl(&["join-token", "create", "--role", "agent"])?;
+    ensure!(ok, "join-token: {err}");
+    let join_secret = join_token.trim().trim_start_matches("stj_").split('.').next().unwrap_or_default().to_string();
+    ensure!(join_secret.len() == 48, "join token: {join_token}");
+
+    // nothing secret in /metrics or in any file the node, the agent or PostgreSQL wrote
+    let (_, metrics) = stack.rest.send(reqwest::Method::GET, &url("/metrics"), None, None).await?;
+    let mut haystacks = vec![("/metrics".to_string(), metrics.as_str().unwrap_or_default().to_string())];
+    let mut files = Vec::new();
+    files_under(root, &mut files);
+    for f in files {
+        let name = f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        // the node's admin token file, TLS keys, the agent's replication passfiles and the
+        // replicated state hold secrets by design; logs must not
+        let is_log = name.ends_with(".log") || name.contains(".log.") || f.components().any(|c| c.as_os_str() == "log");
+        if is_log {
+            if let Ok(bytes) = std::fs::read(&f) {
+                haystacks.push((f.display().to_string(), String::from_utf8_lossy(&bytes).to_string()));
+            }
+        }
+    }
+    ensure!(haystacks.len() >= 3, "found too few logs to check: {:?}", haystacks.iter().map(|h| &h.0).collect::<Vec<_>>());
+    let secrets = [
+        ("admin token", stack.admin.as_str()),
+        ("team token", team.as_str()),
+        ("old database password", old_password.as_str()),
+        ("new database password", new_password.as_str()),
+        ("join token", join_secret.as_str()),
+    ];
+    for (what, secret) in secrets {
+        for (file, text) in &haystacks {
+            ensure!(!text.contains(secret), "the {what} appears in {file}");
+        }
+    }
+    Ok(())
+}
