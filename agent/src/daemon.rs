@@ -102,7 +102,9 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         Some(repo) => Some(prepare_repo(repo, cfg.archive_exe.as_deref(), cfg.archive_processes, &run_as)?),
         None => None,
     };
-    let host = Arc::new(Host::new(cfg, run_as, archiving, pg_major, state));
+    let names = crate::pg::tls::host_names(&cfg.pg_host, &cfg.pg_listen);
+    let server_cert = crate::pg::tls::self_signed(&state_dir.join("tls"), &names)?;
+    let host = Arc::new(Host::new(cfg, run_as, archiving, pg_major, server_cert, state));
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 

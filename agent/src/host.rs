@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::config::AgentConfig;
 use crate::lease::{PeerPromise, PrimaryLease};
-use crate::pg::{Instance, InstanceSpec, PgBinaries, PgError, Role, RunAs, Upstream, WalArchiving};
+use crate::pg::{Instance, InstanceSpec, PgBinaries, PgError, Role, RunAs, ServerCert, Upstream, WalArchiving};
 use crate::state::{epoch_allowed, AgentState, ClusterRecord, StateError};
 
 /// Why a command was refused before it touched PostgreSQL.
@@ -65,6 +65,8 @@ pub struct Host {
     pub archiving: Option<WalArchiving>,
     /// Major version of the PostgreSQL binaries found at start (0 if none were found).
     pub pg_major: u32,
+    /// The certificate every instance of this host serves TLS with.
+    pub server_cert: ServerCert,
     pub state: Mutex<AgentState>,
     pub instances: Mutex<HashMap<String, Arc<Instance>>>,
     pub runtime: Mutex<HashMap<String, Runtime>>,
@@ -97,6 +99,7 @@ impl Host {
         run_as: RunAs,
         archiving: Option<WalArchiving>,
         pg_major: u32,
+        server_cert: ServerCert,
         state: AgentState,
     ) -> Self {
         Self {
@@ -104,6 +107,7 @@ impl Host {
             run_as,
             archiving,
             pg_major,
+            server_cert,
             state: Mutex::new(state),
             instances: Mutex::new(HashMap::new()),
             runtime: Mutex::new(HashMap::new()),
@@ -142,7 +146,9 @@ impl Host {
             cores,
             archive: self.archiving.clone(),
         };
-        Ok(Instance::new(spec, bins, self.run_as.clone()))
+        let inst = Instance::new(spec, bins, self.run_as.clone());
+        inst.set_server_cert(self.server_cert.clone());
+        Ok(inst)
     }
 
     /// The live instance object of a cluster (created on first use).
