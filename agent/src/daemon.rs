@@ -108,7 +108,10 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         Some(repo) => Some(prepare_repo(repo, cfg.archive_exe.as_deref(), cfg.archive_processes, &run_as)?),
         None => None,
     };
-    let host = Arc::new(Host::new(cfg, run_as, archiving, pg_major, state, tls)?);
+    // PostgreSQL serves TLS with this host's certificate from the cluster CA (valid for its
+    // pg_host), so clients can verify it with the cluster's ca.pem.
+    let server_cert = crate::pg::ServerCert::load(&tls.dir().node_cert(), &tls.dir().node_key())?;
+    let host = Arc::new(Host::new(cfg, run_as, archiving, pg_major, server_cert, state, tls)?);
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 

@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::config::AgentConfig;
 use crate::lease::{PeerPromise, PrimaryLease};
-use crate::pg::{Instance, InstanceSpec, PgBinaries, PgError, Role, RunAs, Upstream, WalArchiving};
+use crate::pg::{Instance, InstanceSpec, PgBinaries, PgError, Role, RunAs, ServerCert, Upstream, WalArchiving};
 use crate::state::{epoch_allowed, AgentState, ClusterRecord, StateError};
 
 /// Why a command was refused before it touched PostgreSQL.
@@ -65,6 +65,9 @@ pub struct Host {
     pub archiving: Option<WalArchiving>,
     /// Major version of the PostgreSQL binaries found at start (0 if none were found).
     pub pg_major: u32,
+    /// The certificate every instance of this host serves TLS with (this host's certificate,
+    /// replaced when it is renewed).
+    pub server_cert: std::sync::RwLock<ServerCert>,
     pub state: Mutex<AgentState>,
     pub instances: Mutex<HashMap<String, Arc<Instance>>>,
     pub runtime: Mutex<HashMap<String, Runtime>>,
@@ -103,6 +106,7 @@ impl Host {
         run_as: RunAs,
         archiving: Option<WalArchiving>,
         pg_major: u32,
+        server_cert: ServerCert,
         state: AgentState,
         tls: Arc<steward_proto::tls::TlsMaterial>,
     ) -> Result<Self, steward_proto::tls::TlsError> {
@@ -117,6 +121,7 @@ impl Host {
             run_as,
             archiving,
             pg_major,
+            server_cert: std::sync::RwLock::new(server_cert),
             state: Mutex::new(state),
             instances: Mutex::new(HashMap::new()),
             runtime: Mutex::new(HashMap::new()),
@@ -155,7 +160,34 @@ impl Host {
             cores,
             archive: self.archiving.clone(),
         };
-        Ok(Instance::new(spec, bins, self.run_as.clone()))
+        let inst = Instance::new(spec, bins, self.run_as.clone());
+        inst.set_server_cert(self.current_server_cert());
+        Ok(inst)
+    }
+
+    /// The certificate instances serve now.
+    pub fn current_server_cert(&self) -> ServerCert {
+        match self.server_cert.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Takes this host's (renewed) certificate from its TLS directory and has every running
+    /// instance serve it, reloading PostgreSQL's configuration (no restart).
+    pub async fn rotate_server_cert(&self) -> Result<(), PgError> {
+        let dir = self.tls.dir();
+        let cert = ServerCert::load(&dir.node_cert(), &dir.node_key())?;
+        match self.server_cert.write() {
+            Ok(mut c) => *c = cert.clone(),
+            Err(poisoned) => *poisoned.into_inner() = cert.clone(),
+        }
+        let _ops = self.ops.lock().await;
+        let instances: Vec<Arc<Instance>> = self.instances.lock().await.values().cloned().collect();
+        for inst in instances {
+            inst.rotate_server_cert(cert.clone()).await?;
+        }
+        Ok(())
     }
 
     /// The live instance object of a cluster (created on first use).

@@ -110,6 +110,13 @@ async fn renew(host: &Host) -> Result<(), String> {
     Err(last)
 }
 
+/// PostgreSQL serves the host's certificate too: hand it the new one (a reload, no restart).
+async fn serve_to_postgres(host: &Host) {
+    if let Err(e) = host.rotate_server_cert().await {
+        tracing::warn!(error = %e, "PostgreSQL keeps its previous certificate");
+    }
+}
+
 /// Renews the certificate when due and picks up files changed on disk; runs until dropped.
 pub async fn maintain(host: Arc<Host>) {
     loop {
@@ -121,13 +128,19 @@ pub async fn maintain(host: Arc<Host>) {
         tokio::time::sleep(every).await;
         if due(&host.tls) {
             match renew(&host).await {
-                Ok(()) => tracing::info!(not_after = ?host.tls.not_after(), "renewed this host's certificate"),
+                Ok(()) => {
+                    tracing::info!(not_after = ?host.tls.not_after(), "renewed this host's certificate");
+                    serve_to_postgres(&host).await;
+                }
                 Err(e) => tracing::warn!(error = %e, "renewing this host's certificate failed; will retry"),
             }
             continue;
         }
         match host.tls.reload_if_changed() {
-            Ok(true) => tracing::info!("reloaded TLS certificates"),
+            Ok(true) => {
+                tracing::info!("reloaded TLS certificates");
+                serve_to_postgres(&host).await;
+            }
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "new TLS files are not usable; keeping the current ones"),
         }

@@ -278,8 +278,7 @@ impl Fleet {
         })
         .await?;
         let uri = db["connection"]["uri"].as_str().context("uri")?.to_string();
-        let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
-        let task = tokio::spawn(conn);
+        let (client, task) = crate::pg_connect_task(&uri).await?;
         client
             .batch_execute("CREATE TABLE acks (id bigint PRIMARY KEY, server text, at timestamptz DEFAULT now())")
             .await?;
@@ -293,7 +292,7 @@ impl Fleet {
         let (head, tail) = uri.split_once('@').unwrap_or((uri, ""));
         let path = tail.split_once('/').map(|(_, p)| p).unwrap_or("");
         let db = path.split('?').next().unwrap_or("");
-        format!("{head}@{}:5432/{db}?connect_timeout=2", host.ip)
+        format!("{head}@{}:5432/{db}?connect_timeout=2&sslmode=require", host.ip)
     }
 }
 
@@ -317,10 +316,7 @@ pub async fn connect_read_write(uri: &str) -> Option<(tokio_postgres::Client, to
     for host in hosts.split(',') {
         let single = format!("{head}@{host}/{db}");
         let attempt = async {
-            let (client, conn) = tokio_postgres::connect(&single, tokio_postgres::NoTls).await.ok()?;
-            let task = tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let (client, task) = crate::pg_connect_task(&single).await.ok()?;
             let ro: String = client.query_one("SHOW transaction_read_only", &[]).await.ok()?.get(0);
             if ro == "off" {
                 Some((client, task))

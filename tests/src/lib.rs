@@ -39,6 +39,25 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
+/// A client to `uri_or_conninfo` over TLS (`sslmode=require` whatever it says, with the agent's
+/// connector: servers refuse plaintext TCP and their certificates are self-signed); its connection
+/// runs in a spawned task, which ends when the client is dropped.
+pub async fn pg_connect(uri_or_conninfo: &str) -> Result<tokio_postgres::Client> {
+    pg_connect_task(uri_or_conninfo).await.map(|(client, _)| client)
+}
+
+/// Like [`pg_connect`], also returning the connection's task, for tests that cut it off.
+pub async fn pg_connect_task(uri_or_conninfo: &str) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let cfg: tokio_postgres::Config = uri_or_conninfo.parse().context("parsing the connection string")?;
+    let (client, conn) = steward_agent::pg::tls::connect(cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", steward_agent::pg::sql::describe(&e)))?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((client, task))
+}
+
 /// Polls `f` until it returns `Ok(Some(v))` or the deadline passes; the error names `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
 where

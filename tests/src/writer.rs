@@ -84,13 +84,11 @@ async fn run(rest: Rest, urls: Vec<String>, token: String, acks: Arc<Mutex<Vec<A
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        let connected =
-            tokio::time::timeout(Duration::from_secs(3), tokio_postgres::connect(&uri, tokio_postgres::NoTls)).await;
-        let Ok(Ok((client, conn))) = connected else {
+        let connected = tokio::time::timeout(Duration::from_secs(3), crate::pg_connect_task(&uri)).await;
+        let Ok(Ok((client, task))) = connected else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        let task = tokio::spawn(conn);
         while !stop.load(Ordering::Relaxed) {
             let id = next;
             next += 1;

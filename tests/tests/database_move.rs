@@ -13,9 +13,7 @@ use steward_tests::writer::{switch_pause, UriWriter};
 use steward_tests::{wait_for, Scratch, Stack};
 
 async fn connect(uri: &str) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await.context("connecting")?;
-    tokio::spawn(conn);
-    Ok(client)
+    steward_tests::pg_connect(uri).await.context("connecting")
 }
 
 fn cluster_of(stack: &Stack, id: &str) -> Result<String> {

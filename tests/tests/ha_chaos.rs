@@ -315,8 +315,7 @@ async fn scheduled_backups_come_from_a_standby_and_restore() -> Result<()> {
     let full = wait_for("the scheduled full backup", Duration::from_secs(180), || backup(None)).await?;
     ensure!(full.kind_taken == "full" && full.requested_by == "schedule" && full.size_bytes > 0, "{full:?}");
 
-    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(conn);
+    let (client, task) = steward_tests::pg_connect_task(&uri).await?;
     client.batch_execute("INSERT INTO acks (id, server) SELECT g, 'before-incr' FROM generate_series(1, 50) g").await?;
 
     // An operator's incremental backup, taken from a standby while the primary serves.
@@ -392,8 +391,7 @@ async fn scheduled_backups_come_from_a_standby_and_restore() -> Result<()> {
     .await?;
     ensure!(copy["owner"] == "shop" && copy["name"] == "orders_before", "{copy}");
     let copy_uri = copy["connection"]["uri"].as_str().context("copy uri")?;
-    let (cc, conn) = tokio_postgres::connect(copy_uri, tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(conn);
+    let (cc, task) = steward_tests::pg_connect_task(copy_uri).await?;
     let rows: Vec<(i64, String)> = cc
         .query("SELECT id, server FROM acks WHERE id >= 1000 ORDER BY id", &[])
         .await?

@@ -29,13 +29,12 @@ struct Log {
 async fn writer(uri: String, log: Arc<Mutex<Log>>, stop: Arc<std::sync::atomic::AtomicBool>) {
     let mut next = 1i64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let Ok(Ok((client, conn))) =
-            tokio::time::timeout(Duration::from_secs(3), tokio_postgres::connect(&uri, tokio_postgres::NoTls)).await
+        let Ok(Ok((client, task))) =
+            tokio::time::timeout(Duration::from_secs(3), steward_tests::pg_connect_task(&uri)).await
         else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let task = tokio::spawn(conn);
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let id = next;
             next += 1;
@@ -150,8 +149,7 @@ async fn primary_postmaster_kill_fails_over_without_losing_acknowledged_writes()
     })
     .await?;
 
-    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
-    let conn_task = tokio::spawn(conn);
+    let (client, conn_task) = steward_tests::pg_connect_task(&uri).await?;
     client.batch_execute("CREATE TABLE acks (id bigint PRIMARY KEY, at timestamptz DEFAULT now())").await?;
     drop(client);
     conn_task.abort();
@@ -196,8 +194,7 @@ async fn primary_postmaster_kill_fails_over_without_losing_acknowledged_writes()
     };
     println!("write gap across the failover: {gap:?} ({} acknowledged writes)", acked.len());
 
-    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
-    let conn_task = tokio::spawn(conn);
+    let (client, conn_task) = steward_tests::pg_connect_task(&uri).await?;
     let rows = client.query("SELECT id FROM acks", &[]).await?;
     let present: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
     let lost: Vec<&i64> = acked.difference(&present).collect();

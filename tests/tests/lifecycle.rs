@@ -35,8 +35,7 @@ async fn lifecycle_transitions_ownership_and_audit() -> Result<()> {
     ensure!(v["deprecation"]["reason"] == "replaced by orders_v2", "{v}");
     ensure!(v["warnings"][0].as_str().is_some_and(|w| w.contains("deprecated")), "no warning: {v}");
     let uri = v["connection"]["uri"].as_str().context("a deprecated database keeps its connection")?;
-    let (client, conn) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(conn);
+    let (client, task) = steward_tests::pg_connect_task(uri).await?;
     client.batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)").await?;
     task.abort();
     let (s, v) = rest.get(&node.url("/v1/databases"), &shop).await?;
@@ -126,8 +125,7 @@ async fn archive_restore_delete_round_trip() -> Result<()> {
     let id = db["id"].as_str().context("id")?.to_string();
     let url = |suffix: &str| node.url(&format!("/v1/databases/{id}{suffix}"));
     let uri = db["connection"]["uri"].as_str().context("uri")?.to_string();
-    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(conn);
+    let (client, task) = steward_tests::pg_connect_task(&uri).await?;
     client
         .batch_execute(
             "CREATE TABLE entries (id int PRIMARY KEY, amount numeric NOT NULL);
@@ -150,7 +148,7 @@ async fn archive_restore_delete_round_trip() -> Result<()> {
     );
     let (s, v) = rest.get(&node.url(&format!("/v1/operations/{op}")), &shop).await?;
     ensure!(s == 200 && v["kind"] == "archive" && v["state"] == "succeeded", "archive operation: {s} {v}");
-    ensure!(tokio_postgres::connect(&uri, tokio_postgres::NoTls).await.is_err(), "the archived database still serves");
+    ensure!(steward_tests::pg_connect(&uri).await.is_err(), "the archived database still serves");
     let (s, v) = rest.post(&url("/archive"), &shop, &json!({})).await?;
     ensure!(s == 409 && message(&v).contains("archived already"), "second archive: {s} {v}");
     let (s, v) = rest.post(&url("/restore"), &shop, &json!({"target_time": "2026-11-25T00:00:00Z"})).await?;
@@ -161,8 +159,7 @@ async fn archive_restore_delete_round_trip() -> Result<()> {
     ensure!(s == 202 && v["id"] == id.as_str() && v["state"] == "restoring", "restore: {s} {v}");
     let back = host.wait_state(&shop, &id, "active").await?;
     let uri = back["connection"]["uri"].as_str().context("uri after restore")?.to_string();
-    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(conn);
+    let (client, task) = steward_tests::pg_connect_task(&uri).await?;
     let row = client.query_one("SELECT count(*), sum(amount)::text FROM entries", &[]).await?;
     let (n, sum): (i64, String) = (row.get(0), row.get(1));
     ensure!(n == 1000 && sum == "750750.0", "restored entries: {n} rows, sum {sum}");

@@ -410,7 +410,14 @@ async fn rotated_credentials_work_and_no_secret_reaches_logs_metrics_or_errors()
     let wrong = format!("{}x", team);
     let (s, v) = stack.rest.get(&url("/v1/databases"), &wrong).await?;
     ensure!(s == 401 && !v.to_string().contains(&wrong), "401 echoes the token: {v}");
-    let (s, v) = stack.rest.post(&url("/v1/join"), &team, &json!({"token": format!("stj_{}", "0".repeat(48)), "role": "agent", "name": "x", "csr": "junk"})).await?;
+    let (s, v) = stack
+        .rest
+        .post(
+            &url("/v1/join"),
+            &team,
+            &json!({"token": format!("stj_{}", "0".repeat(48)), "role": "agent", "name": "x", "csr": "junk"}),
+        )
+        .await?;
     ensure!(s == 401 || s == 422, "bad join: {s} {v}");
     let (ok, join_token, err) = stack.stewardctl(&["join-token", "create", "--role", "agent"])?;
     ensure!(ok, "join-token: {err}");
@@ -433,7 +440,11 @@ async fn rotated_credentials_work_and_no_secret_reaches_logs_metrics_or_errors()
             }
         }
     }
-    ensure!(haystacks.len() >= 3, "found too few logs to check: {:?}", haystacks.iter().map(|h| &h.0).collect::<Vec<_>>());
+    ensure!(
+        haystacks.len() >= 3,
+        "found too few logs to check: {:?}",
+        haystacks.iter().map(|h| &h.0).collect::<Vec<_>>()
+    );
     let secrets = [
         ("admin token", stack.admin.as_str()),
         ("team token", team.as_str()),

@@ -103,10 +103,10 @@ async fn request_wal_switch(primary: &crate::pg::Upstream) -> Result<(), String>
         .port(primary.port)
         .user(crate::pg::REPLICATION_ROLE)
         .password(primary.password.as_bytes())
-        .dbname("postgres")
+        .dbname(crate::pg::config::REPLICATION_ROLE_DATABASE)
         .application_name("steward-backup")
         .connect_timeout(Duration::from_secs(5));
-    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+    let (client, conn) = crate::pg::tls::connect(cfg).await.map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = conn.await;
     });

@@ -63,6 +63,17 @@ pub fn render_steward_conf(listen: &Listen<'_>, tuning: &Tuning) -> String {
     s
 }
 
+/// The TLS part of `steward.conf`: `ssl = on` with the certificate and key installed next to
+/// PGDATA (see `tls.rs`). Reloadable: a rotated certificate needs no restart.
+pub fn render_tls_conf(cert_file: &Path, key_file: &Path) -> String {
+    let mut s = String::from("\n# TLS: required for every TCP connection (pg_hba.conf)\n");
+    s.push_str("ssl = on\n");
+    s.push_str(&format!("ssl_cert_file = {}\n", conf_quote(&cert_file.to_string_lossy())));
+    s.push_str(&format!("ssl_key_file = {}\n", conf_quote(&key_file.to_string_lossy())));
+    s.push_str("ssl_min_protocol_version = 'TLSv1.2'\n");
+    s
+}
+
 /// How often an idle primary switches to a new WAL segment so its last writes reach the
 /// archive: the bound on how much an archive-only restore can miss.
 pub const ARCHIVE_TIMEOUT: &str = "60s";
@@ -145,10 +156,11 @@ pub fn render_promotion_sync(synchronous_standby_names: &str) -> String {
 }
 
 /// libpq connection string a standby streams with: the password comes from
-/// `passfile`, so it never appears in `steward.conf` or `pg_stat_wal_receiver`.
+/// `passfile`, so it never appears in `steward.conf` or `pg_stat_wal_receiver`; TLS is
+/// required (the upstream refuses plaintext TCP).
 pub fn standby_conninfo(upstream: &Upstream, application_name: &str, passfile: &Path) -> String {
     format!(
-        "host={} port={} user={} passfile={} application_name={} sslmode=prefer connect_timeout=2",
+        "host={} port={} user={} passfile={} application_name={} sslmode=require connect_timeout=2",
         conninfo_value(&upstream.host),
         upstream.port,
         REPLICATION_ROLE,
@@ -186,22 +198,36 @@ fn pgpass_field(value: &str) -> String {
     value.replace('\\', "\\\\").replace(':', "\\:")
 }
 
-/// `pg_hba.conf`: the local `postgres` superuser is trusted over the
-/// (private, 0700) socket; everyone else authenticates with SCRAM; the
-/// superuser is rejected over TCP; only the replication role may open
-/// replication connections (standbys, pg_basebackup).
+/// The one ordinary database the replication role may connect to: pg_rewind's source
+/// connection, the rejoin's wait for the new primary's checkpoint (`pg_control_checkpoint`) and a
+/// standby backup's `pg_switch_wal` all use it.
+pub const REPLICATION_ROLE_DATABASE: &str = "postgres";
+
+/// `pg_hba.conf`, first match wins: the local `postgres` superuser is trusted over the (private,
+/// 0700) socket and everyone else authenticates with SCRAM there; over TCP, plaintext is refused,
+/// the superuser is refused, the replication role may open replication connections (standbys,
+/// pg_basebackup) and reach [`REPLICATION_ROLE_DATABASE`] and nothing else, and every other role
+/// authenticates with SCRAM over TLS.
 pub fn render_pg_hba() -> String {
     let mut s = String::from(HEADER);
     s.push_str(concat!(
-        "# TYPE  DATABASE     USER                 ADDRESS    METHOD\n",
-        "local   all          postgres                        trust\n",
-        "local   all          all                             scram-sha-256\n",
-        "host    all          postgres             0.0.0.0/0  reject\n",
-        "host    all          postgres             ::/0       reject\n",
-        "host    replication  steward_replication  0.0.0.0/0  scram-sha-256\n",
-        "host    replication  steward_replication  ::/0       scram-sha-256\n",
-        "host    all          all                  0.0.0.0/0  scram-sha-256\n",
-        "host    all          all                  ::/0       scram-sha-256\n",
+        "# TYPE    DATABASE     USER                 ADDRESS    METHOD\n",
+        "local     all          postgres                        trust\n",
+        "local     all          all                             scram-sha-256\n",
+        "hostnossl all          all                  0.0.0.0/0  reject\n",
+        "hostnossl all          all                  ::/0       reject\n",
+        "hostnossl replication  all                  0.0.0.0/0  reject\n",
+        "hostnossl replication  all                  ::/0       reject\n",
+        "hostssl   all          postgres             0.0.0.0/0  reject\n",
+        "hostssl   all          postgres             ::/0       reject\n",
+        "hostssl   replication  steward_replication  0.0.0.0/0  scram-sha-256\n",
+        "hostssl   replication  steward_replication  ::/0       scram-sha-256\n",
+        "hostssl   postgres     steward_replication  0.0.0.0/0  scram-sha-256\n",
+        "hostssl   postgres     steward_replication  ::/0       scram-sha-256\n",
+        "hostssl   all          steward_replication  0.0.0.0/0  reject\n",
+        "hostssl   all          steward_replication  ::/0       reject\n",
+        "hostssl   all          all                  0.0.0.0/0  scram-sha-256\n",
+        "hostssl   all          all                  ::/0       scram-sha-256\n",
     ));
     s
 }
@@ -294,16 +320,83 @@ restore_command = '/usr/bin/steward-agent archive-get --repo ''/srv/it''\\''''s 
         assert!(conf.contains("shared_buffers = '256MB'\n"));
     }
 
+    /// The pg_hba.conf lines without comments, as (type, database, user, address, method).
+    fn hba_rules() -> Vec<[String; 5]> {
+        render_pg_hba()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f[0] == "local" {
+                    [f[0], f[1], f[2], "", f[3]].map(str::to_string)
+                } else {
+                    [f[0], f[1], f[2], f[3], f[4]].map(str::to_string)
+                }
+            })
+            .collect()
+    }
+
+    /// The method of the first rule matching a TCP connection, as PostgreSQL picks it.
+    fn hba_decision(ssl: bool, database: &str, user: &str) -> String {
+        for [kind, db, role, addr, method] in hba_rules() {
+            let kind_ok = match kind.as_str() {
+                "host" => true,
+                "hostssl" => ssl,
+                "hostnossl" => !ssl,
+                _ => false,
+            };
+            // "all" never matches the replication pseudo-database
+            let db_ok = db == database || (db == "all" && database != "replication");
+            if kind_ok && db_ok && (role == "all" || role == user) && addr == "0.0.0.0/0" {
+                return method;
+            }
+        }
+        "no entry".into()
+    }
+
     #[test]
-    fn hba_rejects_superuser_over_tcp_before_generic_rule() {
+    fn hba_requires_tls_and_limits_each_role() {
+        for [kind, _, _, addr, method] in hba_rules() {
+            if kind == "local" {
+                continue;
+            }
+            assert!(addr == "0.0.0.0/0" || addr == "::/0", "{addr}");
+            if kind != "hostssl" {
+                assert_eq!((kind.as_str(), method.as_str()), ("hostnossl", "reject"));
+            } else {
+                assert!(method == "scram-sha-256" || method == "reject", "{method}");
+            }
+        }
         let hba = render_pg_hba();
-        let reject = hba.find("postgres             0.0.0.0/0  reject").unwrap();
-        let generic = hba.find("all                  0.0.0.0/0  scram-sha-256").unwrap();
-        assert!(reject < generic);
-        assert!(hba.contains("local   all          postgres                        trust\n"));
-        assert!(hba.contains("::/0       reject\n"));
-        assert!(hba.contains("host    replication  steward_replication  0.0.0.0/0  scram-sha-256\n"));
-        assert!(hba.contains("host    replication  steward_replication  ::/0       scram-sha-256\n"));
+        assert!(hba.contains("local     all          postgres                        trust\n"));
+        assert!(hba.contains("local     all          all                             scram-sha-256\n"));
+        // plaintext TCP is refused for everyone, replication connections included
+        for (db, user) in [("app", "app"), ("replication", "steward_replication"), ("postgres", "steward_replication")]
+        {
+            assert_eq!(hba_decision(false, db, user), "reject", "{db} {user}");
+        }
+        // over TLS: the superuser never, the replication role only where it must, others by SCRAM
+        assert_eq!(hba_decision(true, "postgres", "postgres"), "reject");
+        assert_eq!(hba_decision(true, "replication", "postgres"), "no entry", "refused too");
+        assert_eq!(hba_decision(true, "replication", "steward_replication"), "scram-sha-256");
+        assert_eq!(hba_decision(true, REPLICATION_ROLE_DATABASE, "steward_replication"), "scram-sha-256");
+        assert_eq!(hba_decision(true, "app", "steward_replication"), "reject");
+        assert_eq!(hba_decision(true, "template1", "steward_replication"), "reject");
+        assert_eq!(hba_decision(true, "app", "app"), "scram-sha-256");
+        assert_eq!(hba_decision(true, "app", "steward_move_x"), "scram-sha-256");
+        assert_eq!(hba_decision(true, "replication", "app"), "no entry");
+        // the same rules for IPv6
+        let v4 = hba.lines().filter(|l| l.contains("0.0.0.0/0")).count();
+        let v6 = hba.lines().filter(|l| l.contains("::/0")).count();
+        assert_eq!(v4, v6);
+    }
+
+    #[test]
+    fn tls_conf_points_at_the_installed_pair() {
+        let conf = render_tls_conf(Path::new("/srv/c1/tls/pg-server.crt"), Path::new("/srv/it's/pg-server.key"));
+        assert!(conf.contains("ssl = on\n"), "{conf}");
+        assert!(conf.contains("ssl_cert_file = '/srv/c1/tls/pg-server.crt'\n"), "{conf}");
+        assert!(conf.contains("ssl_key_file = '/srv/it''s/pg-server.key'\n"), "{conf}");
     }
 
     fn upstream(host: &str, password: &str) -> Upstream {
@@ -335,7 +428,7 @@ restore_command = '/usr/bin/steward-agent archive-get --repo ''/srv/it''\\''''s 
             conf,
             "\n# replication: standby\n\
              primary_conninfo = 'host=10.0.0.1 port=5433 user=steward_replication \
-             passfile=/var/lib/steward/c1/steward.pgpass application_name=h2 sslmode=prefer connect_timeout=2'\n\
+             passfile=/var/lib/steward/c1/steward.pgpass application_name=h2 sslmode=require connect_timeout=2'\n\
              primary_slot_name = 'steward_h2'\n\
              hot_standby = on\n\
              recovery_target_timeline = 'latest'\n\

@@ -214,6 +214,13 @@ pub enum PgError {
     )]
     FenceFailed { data_dir: PathBuf, detail: String },
 
+    /// The PostgreSQL server certificate could not be made, or a given one is unusable.
+    #[error(
+        "unusable PostgreSQL server certificate: {0}; give a PEM certificate and its PEM private key \
+         (or remove the agent's tls directory to have a new self-signed one made)"
+    )]
+    Certificate(String),
+
     /// A blocking helper task panicked or was cancelled.
     #[error("internal task failed: {0}; this is a bug in steward-agent, please report it")]
     Task(String),

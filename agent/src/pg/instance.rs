@@ -73,6 +73,8 @@ pub struct Instance {
     /// While a standby is being promoted: the `synchronous_standby_names` it must enforce from
     /// its first commit as a primary (written into its standby configuration beforehand).
     pub(super) promotion_sync_names: Mutex<Option<String>>,
+    /// The server certificate `write_config` installs next to PGDATA (see `tls.rs`).
+    pub(super) server_cert: Mutex<Option<super::tls::ServerCert>>,
 }
 
 /// Entries initdb (or a server) creates in PGDATA; a directory holding only
@@ -109,6 +111,7 @@ impl Instance {
             replication: Mutex::new(None),
             probe_table_ready: AtomicBool::new(false),
             promotion_sync_names: Mutex::new(None),
+            server_cert: Mutex::new(None),
         }
     }
 
@@ -234,6 +237,7 @@ impl Instance {
         let promotion_sync =
             self.promotion_sync_names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let passfile = self.passfile_path();
+        let (tls_conf, cert_changed) = self.install_server_cert().await?;
         let changed = blocking(move || {
             let data = &spec.data_dir;
             let listen = Listen {
@@ -244,6 +248,7 @@ impl Instance {
             };
             let tuning = tuning_for(spec.memory_budget_bytes, spec.cores);
             let mut conf = config::render_steward_conf(&listen, &tuning);
+            conf.push_str(&tls_conf);
             if let Some(a) = &spec.archive {
                 let spool = (a.async_processes > 0).then(|| spec.archive_spool());
                 if let Some(dir) = &spool {
@@ -263,7 +268,7 @@ impl Instance {
                 }
             }
             let signal = data.join(STANDBY_SIGNAL);
-            let mut changed = false;
+            let mut changed = cert_changed;
             match role.as_ref().map(|rc| &rc.role) {
                 Some(Role::Primary { .. }) if signal.exists() => {
                     return Err(PgError::StillStandby { data_dir: data.clone() });
@@ -343,8 +348,24 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::pg::scram_verifier;
-    use crate::pg::test_support::{free_port, StopGuard};
+    use crate::pg::sql::describe;
+    use crate::pg::test_support::{self, free_port, StopGuard};
+    use crate::pg::{scram_verifier, tls, REPLICATION_ROLE};
+
+    /// A client over TLS; its connection runs in the background.
+    async fn connect_tls(cfg: tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = tls::connect(cfg).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// Why a connection attempt failed (panics if it worked).
+    fn refused<T>(attempt: Result<T, tokio_postgres::Error>) -> String {
+        match attempt {
+            Ok(_) => panic!("the connection was accepted"),
+            Err(e) => describe(&e),
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn full_lifecycle_with_real_postgres() {
@@ -369,11 +390,19 @@ mod tests {
             archive: None,
         };
         let _guard = StopGuard { pg_ctl: bins.bin("pg_ctl"), data_dir: spec.data_dir.clone(), run_as: run_as.clone() };
-        let inst = Instance::new(spec.clone(), bins, run_as);
+        let inst = test_support::instance(spec.clone(), &bins, &run_as);
 
         assert!(inst.ensure_initialized().await.unwrap());
         assert!(inst.write_config().await.unwrap());
         assert!(!inst.write_config().await.unwrap());
+        // the certificate lives next to PGDATA, never inside it, and only its user reads the key
+        let key = inst.tls_dir().join(tls::KEY_FILE);
+        assert!(!key.starts_with(&spec.data_dir));
+        let meta = fs::metadata(&key).unwrap();
+        assert_eq!(
+            (meta.permissions().mode() & 0o777, std::os::unix::fs::MetadataExt::uid(&meta)),
+            (0o600, run_as.uid)
+        );
         inst.start().await.unwrap();
         assert!(inst.is_running().await);
         inst.start().await.unwrap(); // idempotent
@@ -385,22 +414,75 @@ mod tests {
         assert!(inst.ensure_database("Bad", "app", &verifier).await.is_err());
         assert!(inst.ensure_database("x", "app", password).await.is_err());
 
-        let conn = format!(
-            "host=127.0.0.1 port={} user=app dbname=appdb password='{}'",
-            spec.port,
-            password.replace('\\', "\\\\").replace('\'', "\\'")
-        );
-        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(connection);
+        let tcp = |user: &str, database: &str, password: &str| {
+            let mut cfg = tokio_postgres::Config::new();
+            cfg.host("127.0.0.1").port(spec.port).user(user).dbname(database).password(password);
+            cfg
+        };
+        let client = connect_tls(tcp("app", "appdb", password)).await.unwrap();
         client.batch_execute("CREATE TABLE t (id int primary key, v text)").await.unwrap();
         client.execute("INSERT INTO t VALUES (1, $1)", &[&"hello"]).await.unwrap();
         let v: String = client.query_one("SELECT v FROM t WHERE id = 1", &[]).await.unwrap().get(0);
         assert_eq!(v, "hello");
+        let ssl: bool =
+            client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+        assert!(ssl, "the session must be encrypted");
         drop(client);
+        // the right password is still needed over TLS
+        let err = connect_tls(tcp("app", "appdb", "wrong")).await.unwrap_err();
+        assert!(describe(&err).contains("password authentication failed"), "{}", describe(&err));
 
-        // the superuser is rejected over TCP
-        let su = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", spec.port);
-        assert!(tokio_postgres::connect(&su, tokio_postgres::NoTls).await.is_err());
+        // plaintext TCP is refused by pg_hba.conf, whatever the password
+        let err = refused(tcp("app", "appdb", password).connect(tokio_postgres::NoTls).await);
+        assert!(err.contains("pg_hba.conf rejects connection"), "{err}");
+        let mut disabled = tcp("app", "appdb", password);
+        disabled.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        let err = refused(disabled.connect(tls::connector()).await);
+        assert!(err.contains("no encryption"), "{err}");
+
+        // the superuser is rejected over TCP, with or without TLS
+        assert!(tcp("postgres", "postgres", "").connect(tokio_postgres::NoTls).await.is_err());
+        let err = connect_tls(tcp("postgres", "postgres", "x")).await.unwrap_err();
+        assert!(describe(&err).contains("pg_hba.conf rejects connection"), "{}", describe(&err));
+
+        // the replication role reaches the one database its checks use, and no other
+        let repl_password = "repl secret";
+        inst.ensure_replication_role(&scram_verifier(repl_password)).await.unwrap();
+        let repl = connect_tls(tcp(REPLICATION_ROLE, config::REPLICATION_ROLE_DATABASE, repl_password)).await.unwrap();
+        repl.query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[]).await.unwrap();
+        drop(repl);
+        for db in ["appdb", "template1"] {
+            let err = connect_tls(tcp(REPLICATION_ROLE, db, repl_password)).await.unwrap_err();
+            assert!(describe(&err).contains("pg_hba.conf rejects connection"), "{db}: {}", describe(&err));
+        }
+
+        // a new certificate is served after a reload, without a restart
+        let psql_verify = |root: &Path| {
+            std::process::Command::new(inst.binaries().bin("psql"))
+                .arg(format!(
+                    "host=127.0.0.1 port={} user=app dbname=appdb sslmode=verify-ca sslrootcert={}",
+                    spec.port,
+                    root.display()
+                ))
+                .args(["-XAtc", "SELECT 1"])
+                .env("PGPASSWORD", password)
+                .output()
+                .unwrap()
+        };
+        let old_root = tmp.path().join("old-root.crt");
+        fs::write(&old_root, test_support::test_cert().cert_pem).unwrap();
+        assert!(psql_verify(&old_root).status.success(), "{:?}", psql_verify(&old_root));
+        let postmaster = fs::read_to_string(spec.data_dir.join("postmaster.pid")).unwrap();
+        let new_cert = tls::generate(&["127.0.0.1".to_string()]).unwrap();
+        assert!(inst.rotate_server_cert(new_cert.clone()).await.unwrap());
+        assert!(!inst.rotate_server_cert(new_cert.clone()).await.unwrap());
+        let new_root = tmp.path().join("new-root.crt");
+        fs::write(&new_root, &new_cert.cert_pem).unwrap();
+        let out = psql_verify(&new_root);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = psql_verify(&old_root);
+        assert!(!out.status.success(), "the old certificate is still served");
+        assert_eq!(fs::read_to_string(spec.data_dir.join("postmaster.pid")).unwrap(), postmaster, "restarted");
 
         assert!(!inst.ensure_initialized().await.unwrap());
         inst.stop().await.unwrap();

@@ -16,11 +16,12 @@ pub fn move_name(operation_id: &str) -> String {
     format!("{MOVE_PREFIX}{}", id.to_ascii_lowercase())
 }
 
-/// How the subscriber reaches the source: the move role's password is inside (PostgreSQL keeps
-/// it in `pg_subscription`, readable by superusers only).
+/// How the subscriber reaches the source, over TLS (the source refuses plaintext TCP): the move
+/// role's password is inside (PostgreSQL keeps it in `pg_subscription`, readable by superusers
+/// only).
 pub fn subscription_conninfo(host: &str, port: u16, database: &str, user: &str, password: &str) -> String {
     format!(
-        "host={} port={port} dbname={} user={} password={} application_name={} connect_timeout=5 sslmode=prefer",
+        "host={} port={port} dbname={} user={} password={} application_name={} connect_timeout=5 sslmode=require",
         conninfo_value(host),
         conninfo_value(database),
         conninfo_value(user),
@@ -188,7 +189,7 @@ mod tests {
         assert_eq!(
             c,
             "host=10.0.0.1 port=5433 dbname=orders user=steward_move_ab password='p w\\'x' \
-             application_name=steward_move_ab connect_timeout=5 sslmode=prefer"
+             application_name=steward_move_ab connect_timeout=5 sslmode=require"
         );
     }
 

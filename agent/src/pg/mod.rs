@@ -20,6 +20,7 @@ pub mod sql;
 mod standby;
 #[cfg(test)]
 mod test_support;
+pub mod tls;
 pub mod tuning;
 
 pub use binaries::PgBinaries;
@@ -29,4 +30,5 @@ pub use instance::{Instance, InstanceSpec, WalArchiving};
 pub use replication::{format_lsn, parse_lsn, ReplicationStatus, Role, StandbyState, Upstream, REPLICATION_ROLE};
 pub use runas::RunAs;
 pub use sql::scram_verifier;
+pub use tls::ServerCert;
 pub use tuning::{tuning_for, Tuning};

@@ -425,7 +425,7 @@ mod tests {
 
     use super::*;
     use crate::pg::scram_verifier;
-    use crate::pg::test_support::{binaries, spec_in, StopGuard};
+    use crate::pg::test_support::{binaries, instance, spec_in, StopGuard};
 
     #[test]
     fn lsn_round_trip() {
@@ -506,7 +506,7 @@ mod tests {
         let verifier = scram_verifier(password);
 
         // 1. primary A, synchronous with B
-        let a = Instance::new(spec_in(&tmp.path().join("a"), "repl-test"), bins.clone(), run_as.clone());
+        let a = instance(spec_in(&tmp.path().join("a"), "repl-test"), &bins, &run_as);
         let _guard_a = StopGuard::for_instance(&a);
         assert!(a.ensure_initialized().await.unwrap());
         a.set_role(Role::Primary { synchronous_standby_names: "ANY 1 (\"b\")".into() }, "a");
@@ -523,7 +523,7 @@ mod tests {
         a.write_probe(Duration::from_secs(5)).await.unwrap();
 
         // a clone from a slot that does not exist fails and leaves nothing behind
-        let c = Instance::new(spec_in(&tmp.path().join("c"), "repl-test"), bins.clone(), run_as.clone());
+        let c = instance(spec_in(&tmp.path().join("c"), "repl-test"), &bins, &run_as);
         let _guard_c = StopGuard::for_instance(&c);
         let err = c.clone_from(&upstream_of(&a, password), "steward_missing", "c").await.unwrap_err();
         assert!(matches!(err, PgError::CloneFailed { .. }), "{err}");
@@ -532,7 +532,7 @@ mod tests {
         assert!(!tmp.path().join("c").join("data.steward-clone").exists());
 
         // 2. standby B cloned from A
-        let b = Instance::new(spec_in(&tmp.path().join("b"), "repl-test"), bins.clone(), run_as.clone());
+        let b = instance(spec_in(&tmp.path().join("b"), "repl-test"), &bins, &run_as);
         let _guard_b = StopGuard::for_instance(&b);
         assert!(b.clone_from(&upstream_of(&a, password), "steward_b", "b").await.unwrap());
         assert!(b.is_standby_configured());
@@ -559,6 +559,20 @@ mod tests {
         })
         .await;
         assert!(standby.flush_lsn > 0);
+        {
+            // the standby streams over TLS
+            let client = a.superuser_client().await.unwrap();
+            let row = client
+                .query_one(
+                    "SELECT count(*), count(*) FILTER (WHERE s.ssl)
+                     FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let (all, encrypted): (i64, i64) = (row.get(0), row.get(1));
+            assert_eq!((all, encrypted), (1, 1));
+        }
         {
             let client = a.superuser_client().await.unwrap();
             // normal (synchronous) commits: they wait for b

@@ -42,6 +42,12 @@ impl RunAs {
         }
     }
 
+    /// The agent's own identity, for files only the agent reads (its state, its TLS key).
+    pub fn current() -> Self {
+        let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+        RunAs { uid: uid.as_raw(), gid: gid.as_raw(), name: uid.to_string() }
+    }
+
     fn from_user(user: User) -> Self {
         RunAs { uid: user.uid.as_raw(), gid: user.gid.as_raw(), name: user.name }
     }

@@ -95,6 +95,7 @@ impl Instance {
             .arg(&staging)
             .args(["-X", "stream", "-c", "fast", "-S", slot_name, "-w", "--progress", "--verbose"])
             .env("PGPASSFILE", self.passfile_path())
+            .env("PGSSLMODE", "require")
             .env("PGCONNECT_TIMEOUT", CONNECT_TIMEOUT_SECS)
             .stdout(Stdio::null())
             .kill_on_drop(true);
@@ -224,11 +225,12 @@ impl Instance {
 
         wait_for_new_timeline(upstream).await;
         let conninfo = format!(
-            "host={} port={} user={} dbname=postgres passfile={} connect_timeout={} application_name=steward-rewind \
-             sslmode=prefer",
+            "host={} port={} user={} dbname={} passfile={} connect_timeout={} application_name=steward-rewind \
+             sslmode=require",
             config::conninfo_value(&upstream.host),
             upstream.port,
             REPLICATION_ROLE,
+            config::REPLICATION_ROLE_DATABASE,
             config::conninfo_value(&self.passfile_path().to_string_lossy()),
             CONNECT_TIMEOUT_SECS,
         );
@@ -391,10 +393,10 @@ async fn upstream_timelines(upstream: &Upstream) -> Result<(u32, u32), String> {
         .port(upstream.port)
         .user(REPLICATION_ROLE)
         .password(upstream.password.as_bytes())
-        .dbname("postgres")
+        .dbname(config::REPLICATION_ROLE_DATABASE)
         .application_name("steward-rewind")
         .connect_timeout(Duration::from_secs(5));
-    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| super::sql::describe(&e))?;
+    let (client, conn) = super::tls::connect(cfg).await.map_err(|e| super::sql::describe(&e))?;
     let task = tokio::spawn(conn);
     let row = client
         .query_one(

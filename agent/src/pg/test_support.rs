@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Instance, InstanceSpec, PgBinaries, RunAs};
+use std::sync::OnceLock;
+
+use super::{Instance, InstanceSpec, PgBinaries, RunAs, ServerCert};
 
 /// Stops the server even when an assertion fails mid-test.
 pub struct StopGuard {
@@ -65,4 +67,17 @@ pub fn binaries() -> Option<(PgBinaries, RunAs)> {
             None
         }
     }
+}
+
+/// One self-signed loopback certificate shared by the tests (making one takes a moment).
+pub fn test_cert() -> ServerCert {
+    static CERT: OnceLock<ServerCert> = OnceLock::new();
+    CERT.get_or_init(|| super::tls::generate(&super::tls::host_names("127.0.0.1", "127.0.0.1")).unwrap()).clone()
+}
+
+/// An instance serving TLS with [`test_cert`], as the agent runs them.
+pub fn instance(spec: InstanceSpec, bins: &PgBinaries, run_as: &RunAs) -> Instance {
+    let inst = Instance::new(spec, bins.clone(), run_as.clone());
+    inst.set_server_cert(test_cert());
+    inst
 }

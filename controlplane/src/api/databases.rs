@@ -19,8 +19,9 @@ use crate::state::model::{db_state, op_kind, Database, Operation, RestoreSource}
 use crate::state::{query, Command, Response};
 
 /// The libpq connection details of an active database: every member in the URI, primary first,
-/// with `target_session_attrs=read-write` so clients follow a failover without a proxy; for HA
-/// clusters also a read-only URI that prefers standbys.
+/// with `target_session_attrs=read-write` so clients follow a failover without a proxy, and
+/// `sslmode=require` since servers refuse plaintext TCP; for HA clusters also a read-only URI that
+/// prefers standbys.
 pub async fn connection(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx::Error> {
     let Some(cluster) = query::cluster(pool, &db.cluster_id).await? else { return Ok(Value::Null) };
     let Some(primary) = query::host(pool, &cluster.primary_host).await? else { return Ok(Value::Null) };
@@ -37,17 +38,19 @@ pub async fn connection(pool: &SqlitePool, db: &Database) -> Result<Value, sqlx:
     let base = format!("postgresql://{}:{}@{}/{}", db.role_name, db.password, hosts, db.pg_name);
     let mut conn = json!({
         // connect_timeout applies to each listed host: a frozen or partitioned member must not
-        // hold a client back from trying the next one.
-        "uri": format!("{base}?target_session_attrs=read-write&connect_timeout=2"),
+        // hold a client back from trying the next one. Servers refuse plaintext TCP.
+        "uri": format!("{base}?target_session_attrs=read-write&connect_timeout=2&sslmode=require"),
         "host": primary.pg_host,
         "port": cluster.port,
         "hosts": endpoints,
         "database": db.pg_name,
         "user": db.role_name,
         "password": db.password,
+        "sslmode": "require",
     });
     if cluster.availability == "ha" {
-        conn["read_only_uri"] = json!(format!("{base}?target_session_attrs=prefer-standby&connect_timeout=2"));
+        conn["read_only_uri"] =
+            json!(format!("{base}?target_session_attrs=prefer-standby&connect_timeout=2&sslmode=require"));
     }
     Ok(conn)
 }

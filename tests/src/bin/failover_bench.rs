@@ -256,14 +256,11 @@ impl Probe {
         let task = tokio::spawn(async move {
             let mut next = first_id;
             while !s.load(Ordering::Relaxed) {
-                let connect = tokio_postgres::connect(&uri, tokio_postgres::NoTls);
+                let connect = steward_tests::pg_connect_task(&uri);
                 let Ok(Ok((client, conn))) = tokio::time::timeout(Duration::from_secs(2), connect).await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let conn = tokio::spawn(async move {
-                    let _ = conn.await;
-                });
                 while !s.load(Ordering::Relaxed) {
                     let q = client.query_one("SELECT pg_is_in_recovery()", &[]);
                     let Ok(Ok(row)) = tokio::time::timeout(Duration::from_secs(2), q).await else { break };

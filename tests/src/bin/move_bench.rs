@@ -95,8 +95,7 @@ async fn main() -> Result<()> {
     let init = Instant::now();
     let out = pgbench(&uri, &["-i", "-q", "-s", &args.scale.to_string()])?.output()?;
     ensure!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
-    let (client, conn) = tokio_postgres::connect(&uri, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let client = steward_tests::pg_connect(&uri).await?;
     // pgbench_history has no primary key: the move's check says to give it a replica identity.
     client
         .batch_execute(
@@ -165,9 +164,7 @@ async fn main() -> Result<()> {
     }
     let acks = writer.stop().await;
     let (_, v) = stack.rest.get(&url, &shop).await?;
-    let (client, conn) =
-        tokio_postgres::connect(v["connection"]["uri"].as_str().context("uri")?, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let client = steward_tests::pg_connect(v["connection"]["uri"].as_str().context("uri")?).await?;
     let have: std::collections::BTreeSet<i64> =
         client.query("SELECT id FROM acks", &[]).await?.iter().map(|r| r.get(0)).collect();
     let lost = acks.iter().filter(|a| !have.contains(&a.id)).count();
