@@ -244,7 +244,8 @@ impl Node {
 
     pub fn start(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        if !self.dir.join("tls").join("node.pem").exists() {
+        // A node started with a join token gets its certificate by joining instead.
+        if !self.dir.join("tls").join("node.pem").exists() && !self.args.iter().any(|a| a == "--join-token") {
             tls::seed_node(&self.dir.join("tls"))?;
         }
         let log = self.dir.with_extension("log");

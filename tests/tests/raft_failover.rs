@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use serde_json::json;
-use steward_proto::v1::{AddNodeRequest, RaftStatusRequest, RemoveNodeRequest};
+use steward_proto::v1::{AddNodeRequest, CreateJoinTokenRequest, RaftStatusRequest, RemoveNodeRequest};
 use steward_tests::sim::{op_req, operator, spawn_host};
 use steward_tests::{admin_token, wait_for, wait_leader, Node, Rest, Scratch};
 
@@ -149,7 +149,13 @@ async fn three_nodes_survive_leader_loss_and_catch_up() -> Result<()> {
     ensure!(ids.is_superset(&acked), "restarted node misses acknowledged creates");
 
     // Add a fourth node at runtime (through a follower: forwarded to the leader), then remove it.
+    // It gets its certificate and the CA key with a one-time join token, as a new machine would.
+    let join = operator(&nodes[li].grpc)?
+        .create_join_token(op_req(&admin, CreateJoinTokenRequest { role: "controlplane".into(), ttl_seconds: 600 }))
+        .await?
+        .into_inner();
     let mut n4 = Node::new(root, 4, &token_file, RAFT_ARGS);
+    n4.args.extend(["--join-url".to_string(), nodes[li].api.clone(), "--join-token".to_string(), join.token]);
     n4.start()?;
     let follower = nodes.iter().find(|n| n.id != new_leader).map(|n| n.grpc.clone()).unwrap_or_default();
     let add = AddNodeRequest { id: 4, grpc_addr: n4.grpc.clone(), api_addr: n4.api.clone() };
@@ -159,6 +165,12 @@ async fn three_nodes_survive_leader_loss_and_catch_up() -> Result<()> {
     })
     .await?;
     ensure!(m.members.iter().any(|m| m.id == 4 && m.voter), "node 4 is not a voter: {:?}", m.members);
+    let n4_tls = steward_proto::tls::TlsDir(n4.dir.join("tls"));
+    ensure!(n4_tls.ca_key().exists(), "the joined node did not receive the CA key");
+    ensure!(
+        n4_tls.identity()? == steward_proto::tls::Identity::new(steward_proto::tls::Role::ControlPlane, "4"),
+        "joined node's identity"
+    );
     let via4 = listed_ids(&rest, &n4, &admin).await?;
     ensure!(via4.is_superset(&acked), "new node does not serve the replicated state");
     let m = operator(&nodes[li].grpc)?.remove_node(op_req(&admin, RemoveNodeRequest { id: 4 })).await?.into_inner();
