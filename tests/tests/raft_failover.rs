@@ -165,14 +165,20 @@ async fn three_nodes_survive_leader_loss_and_catch_up() -> Result<()> {
     })
     .await?;
     ensure!(m.members.iter().any(|m| m.id == 4 && m.voter), "node 4 is not a voter: {:?}", m.members);
+    // A membership change commits with a majority of the new configuration, so node 4 may still be
+    // joining and catching up when it returns: wait until it serves everything acknowledged.
+    let via4 = wait_for("node 4 to serve the replicated state", Duration::from_secs(30), || async {
+        let ids = listed_ids(&rest, &n4, &admin).await?;
+        Ok(ids.is_superset(&acked).then_some(ids))
+    })
+    .await?;
+    ensure!(via4.is_superset(&acked), "new node does not serve the replicated state");
     let n4_tls = steward_proto::tls::TlsDir(n4.dir.join("tls"));
     ensure!(n4_tls.ca_key().exists(), "the joined node did not receive the CA key");
     ensure!(
         n4_tls.identity()? == steward_proto::tls::Identity::new(steward_proto::tls::Role::ControlPlane, "4"),
         "joined node's identity"
     );
-    let via4 = listed_ids(&rest, &n4, &admin).await?;
-    ensure!(via4.is_superset(&acked), "new node does not serve the replicated state");
     let m = operator(&nodes[li].grpc)?.remove_node(op_req(&admin, RemoveNodeRequest { id: 4 })).await?.into_inner();
     ensure!(!m.members.iter().any(|m| m.id == 4), "node 4 still a member: {:?}", m.members);
     ensure!(m.members.len() == 3, "expected 3 members, got {:?}", m.members);

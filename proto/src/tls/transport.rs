@@ -432,6 +432,9 @@ impl tonic::transport::server::Connected for TlsConn {
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more connections wait to be accepted, so a flood of
+/// half-open connections cannot exhaust memory or file descriptors.
+const MAX_PENDING_HANDSHAKES: usize = 512;
 
 /// Accepts TCP connections on `listener` and yields those that complete the TLS handshake;
 /// failed handshakes (no certificate, another CA, revoked, plaintext) are logged and dropped.
@@ -441,8 +444,10 @@ pub fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let Ok(permit) = pending.clone().acquire_owned().await else { return };
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = tx.closed() => return,
@@ -459,7 +464,9 @@ pub fn incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(tls)) => {
                         let identity = tls
                             .get_ref()
