@@ -386,6 +386,14 @@ async fn rotated_credentials_work_and_no_secret_reaches_logs_metrics_or_errors()
     let old_password = db["connection"]["password"].as_str().context("password")?.to_string();
     ensure!(old_uri.contains("sslmode=require"), "the URI does not require TLS: {old_uri}");
     steward_tests::pg_connect(&old_uri).await?.simple_query("CREATE TABLE t (x int)").await?;
+    // operators see the provisioning among recent operations
+    let (ok, out, err) = stack.stewardctl(&["operations", "--kind", "provision", "--output", "json"])?;
+    ensure!(ok, "stewardctl operations: {err}");
+    let ops: Value = serde_json::from_str(&out)?;
+    ensure!(
+        ops.as_array().is_some_and(|a| a.iter().any(|o| o["database_id"] == id.as_str() && o["state"] == "succeeded")),
+        "operations: {ops}"
+    );
 
     // rotate: the new password works, the old one no longer does
     let url = |p: &str| stack.node().url(p);

@@ -55,6 +55,18 @@ enum Cmd {
     Databases,
     /// Show one operation.
     Operation { id: String },
+    /// Recent operations, newest first: provisioning, backups, failovers, moves, archives.
+    Operations {
+        /// Only this state: running, succeeded or failed.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this kind (provision, backup, move, archive, restore, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// The audit log, newest first: who changed what, when, and the outcome.
     Audit {
         /// Only entries about this target (a database id, team, cluster/label, ...).
@@ -266,6 +278,31 @@ fn operation_json(o: &OperationInfo) -> serde_json::Value {
     serde_json::json!({"id": o.id, "kind": o.kind, "database_id": o.database_id, "state": o.state, "step": o.step,
         "attempts": o.attempts, "error": o.error, "detail": o.detail, "created_at": o.created_at,
         "updated_at": o.updated_at})
+}
+
+fn print_operations(out: Output, ops: Vec<OperationInfo>) {
+    if out == Output::Json {
+        println!("{}", serde_json::Value::Array(ops.iter().map(operation_json).collect()));
+        return;
+    }
+    table(
+        &["ID", "KIND", "DATABASE", "STATE", "STEP", "ATTEMPTS", "CREATED", "DETAIL", "ERROR"],
+        ops.into_iter()
+            .map(|o| {
+                vec![
+                    o.id,
+                    o.kind,
+                    o.database_id,
+                    o.state,
+                    o.step,
+                    o.attempts.to_string(),
+                    o.created_at,
+                    o.detail,
+                    o.error,
+                ]
+            })
+            .collect(),
+    );
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
@@ -641,11 +678,17 @@ async fn run(cli: &Cli, mut c: OperatorClient<Channel>, tok: &str) -> anyhow::Re
             if out == Output::Json {
                 println!("{}", operation_json(&o));
             } else {
-                table(
-                    &["ID", "KIND", "DATABASE", "STATE", "STEP", "ATTEMPTS", "DETAIL", "ERROR"],
-                    vec![vec![o.id, o.kind, o.database_id, o.state, o.step, o.attempts.to_string(), o.detail, o.error]],
-                );
+                print_operations(out, vec![o]);
             }
+        }
+        Cmd::Operations { state, kind, limit } => {
+            let r = ListOperationsRequest {
+                state: state.clone().unwrap_or_default(),
+                kind: kind.clone().unwrap_or_default(),
+                limit: *limit,
+            };
+            let ops = c.list_operations(req(&tok, r)?).await?.into_inner().operations;
+            print_operations(out, ops);
         }
         Cmd::Database(DatabaseCmd::Move { database, to, check, no_wait, abort }) => {
             let id = database_id(&mut c, &tok, database).await?;

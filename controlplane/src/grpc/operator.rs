@@ -318,6 +318,20 @@ impl Operator for OperatorService {
         Ok(Response::new(operation_info(op)))
     }
 
+    async fn list_operations(
+        &self,
+        req: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsReply>, Status> {
+        self.authorize(&req).await?;
+        self.read().await?;
+        let r = req.into_inner();
+        let state = (!r.state.is_empty()).then_some(r.state.as_str());
+        let kind = (!r.kind.is_empty()).then_some(r.kind.as_str());
+        let limit = if r.limit == 0 { 100 } else { i64::from(r.limit.min(10_000)) };
+        let ops = query::recent_operations(self.node.store.pool(), state, kind, limit).await.map_err(internal)?;
+        Ok(Response::new(ListOperationsReply { operations: ops.into_iter().map(operation_info).collect() }))
+    }
+
     async fn start_backup(&self, req: Request<StartBackupRequest>) -> Result<Response<OperationInfo>, Status> {
         let token = self.authorize(&req).await?;
         let r = req.into_inner();

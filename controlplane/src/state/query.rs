@@ -58,6 +58,24 @@ pub async fn operation(pool: &SqlitePool, id: &str) -> Result<Option<Operation>,
     sqlx::query_as("SELECT * FROM operations WHERE id = ?").bind(id).fetch_optional(pool).await
 }
 
+/// Recent operations, newest first, filtered by state and kind when given.
+pub async fn recent_operations(
+    pool: &SqlitePool,
+    state: Option<&str>,
+    kind: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Operation>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM operations WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR kind = ?2)
+         ORDER BY created_at DESC, id LIMIT ?3",
+    )
+    .bind(state)
+    .bind(kind)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn running_operations(pool: &SqlitePool) -> Result<Vec<Operation>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM operations WHERE state = 'running' ORDER BY created_at").fetch_all(pool).await
 }
