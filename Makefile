@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DATA_DIR ?= ./.steward
 
-.PHONY: all deps build dev test fmt lint unit clean
+.PHONY: all deps build dev test fmt lint unit clean packages
 
 all: build
 
@@ -33,6 +33,10 @@ test: deps fmt lint
 	awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($$(i+1) ~ /^passed/) p += $$i; if ($$(i+1) ~ /^failed/) f += $$i } } \
 	     END { printf "tests: %d passed, %d failed\n", p, f }' target/test-output.log; \
 	exit $$status
+
+# .deb and .rpm of steward-controlplane and steward-agent (release build) in target/packages/.
+packages: deps
+	@bash packaging/build-packages.sh --profile release
 
 clean:
 	$(CARGO) clean

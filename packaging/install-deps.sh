@@ -2,8 +2,8 @@
 # Installs what building, testing and running Steward needs on Debian 12 (run as root, or with
 # sudo available): PostgreSQL server binaries (14-17; Debian 12 ships 15), iproute2 for the
 # network-namespace tests, python3 for the lab test's probes, a C compiler for the bundled
-# SQLite, and schemathesis (in its own virtualenv) for the REST API fuzz test. Idempotent:
-# installs only what is missing.
+# SQLite, rpm (rpmbuild, for `make packages`), and schemathesis (in its own virtualenv) for the
+# REST API fuzz test. Idempotent: installs only what is missing.
 set -euo pipefail
 
 # The REST fuzz test (tests/tests/rest_fuzz.rs) runs this schemathesis; keep both in step.
@@ -30,6 +30,8 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || missing+=(make)
+# `make packages` and the packaging test: dpkg-deb comes with dpkg; rpmbuild comes with rpm.
+command -v rpmbuild >/dev/null 2>&1 || missing+=(rpm)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
