@@ -32,6 +32,8 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || missing+=(make)
 # `make packages` and the packaging test: dpkg-deb comes with dpkg; rpmbuild comes with rpm.
 command -v rpmbuild >/dev/null 2>&1 || missing+=(rpm)
+# The Ansible test (tests/tests/ansible.rs) runs Debian's ansible-playbook against this machine.
+command -v ansible-playbook >/dev/null 2>&1 || missing+=(ansible)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

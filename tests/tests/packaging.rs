@@ -286,6 +286,10 @@ fn check_configs(scratch: &Path) -> Result<()> {
 #[test]
 fn packages_build_install_and_purge_keeping_data() -> Result<()> {
     ensure!(nix::unistd::geteuid().is_root(), "the packaging test installs packages: run it as root");
+    // The Ansible test installs the same packages: the two wait for each other.
+    let lock = std::fs::File::options().create(true).truncate(false).write(true).open("/tmp/steward-packages.lock")?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking /tmp/steward-packages.lock: {e}"))?;
     for tool in ["dpkg", "dpkg-deb", "systemd-analyze", "timeout"] {
         ensure!(run("sh", &["-c", &format!("command -v {tool}")], 10)?.status.success(), "{tool} is not installed");
     }
