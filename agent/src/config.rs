@@ -87,6 +87,10 @@ pub struct AgentArgs {
     /// REST address of a control-plane node to join through (e.g. 10.0.0.1:7480).
     #[arg(long, env = "STEWARD_JOIN_URL")]
     pub join_url: Option<String>,
+    /// Serve Prometheus metrics over plain HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9187, or
+    /// the host's internal address for a remote Prometheus). Off unless set. Exposes no secrets.
+    #[arg(long, env = "STEWARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Resolved agent configuration.
@@ -115,6 +119,8 @@ pub struct AgentConfig {
     pub tls_dir: PathBuf,
     /// Join token and the control-plane REST address to use it at, for the first start.
     pub join: Option<(String, String)>,
+    /// Where the plain-HTTP Prometheus listener binds, if it is on.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn load_file(path: &Path) -> Result<AgentArgs, ConfigError> {
@@ -192,6 +198,7 @@ impl AgentArgs {
             archive_exe: None,
             tls_dir,
             join,
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
         })
     }
 }
@@ -232,5 +239,22 @@ mod tests {
         let e = with_repo("s3://steward?endpoint=127.0.0.1:9000").resolve().unwrap_err().to_string();
         assert!(e.contains("not an http:// or https:// URL"), "{e}");
         assert!(with_repo("nfs://server/export").resolve().is_err());
+    }
+
+    #[test]
+    fn metrics_listener_is_off_unless_configured() {
+        let base = || AgentArgs {
+            control_plane: vec!["127.0.0.1:7400".into()],
+            listen: Some("127.0.0.1:7411".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(base().resolve().unwrap().metrics_listen, None);
+        let flag = AgentArgs { metrics_listen: Some("127.0.0.1:9187".parse().unwrap()), ..base() };
+        assert_eq!(flag.resolve().unwrap().metrics_listen, Some("127.0.0.1:9187".parse().unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "metrics_listen = \"10.0.0.7:9187\"\n").unwrap();
+        let from_file = AgentArgs { config: Some(file), ..base() };
+        assert_eq!(from_file.resolve().unwrap().metrics_listen, Some("10.0.0.7:9187".parse().unwrap()));
     }
 }

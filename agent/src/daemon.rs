@@ -38,12 +38,16 @@ pub enum DaemonError {
     Tls(#[from] steward_proto::tls::TlsError),
     #[error("binding the agent's command service on {addr}: {source} (is another agent running?)")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// A running agent.
 pub struct RunningAgent {
     pub host: Arc<Host>,
     pub addr: SocketAddr,
+    /// Where Prometheus metrics are served (`--metrics-listen`), if they are.
+    pub metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -97,6 +101,10 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         .await
         .map_err(|source| DaemonError::Bind { addr: cfg.listen, source })?;
     let addr = listener.local_addr().map_err(|source| DaemonError::Bind { addr: cfg.listen, source })?;
+    let metrics = match cfg.metrics_listen {
+        Some(a) => Some(crate::metrics::Listener::bind(a).await?),
+        None => None,
+    };
     let pg_major = match crate::pg::PgBinaries::discover(cfg.pg_major) {
         Ok(b) => b.major,
         Err(e) => {
@@ -174,6 +182,11 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
             _ = rx.changed() => {}
         }
     });
+    let metrics_addr = metrics.map(|m| {
+        let a = m.addr();
+        tasks.spawn(m.serve(host.clone(), stop_rx.clone()));
+        a
+    });
     let h = host.clone();
     let mut rx = stop_rx;
     tasks.spawn(async move {
@@ -183,7 +196,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, DaemonError> {
         }
     });
     tracing::info!(addr = %addr, data_path = %host.cfg.data_path.display(), "agent started");
-    Ok(RunningAgent { host, addr, stop, tasks })
+    Ok(RunningAgent { host, addr, metrics_addr, stop, tasks })
 }
 
 impl RunningAgent {

@@ -57,6 +57,7 @@ pub async fn run(host: Arc<Host>) {
     let mut interval = Duration::from_millis(1000);
     let mut failures = 0u32;
     let mut cached: Option<(String, ControlPlaneClient<Channel>)> = None;
+    let counters = crate::metrics::heartbeat_counters(&host.state.lock().await.host_id);
     loop {
         let c = match &cached {
             Some((t, c)) if *t == target => Some(c.clone()),
@@ -100,6 +101,7 @@ pub async fn run(host: Arc<Host>) {
         };
         match result {
             Ok(ms) => {
+                counters.answered();
                 failures = 0;
                 interval = Duration::from_millis(u64::from(ms.max(50)));
                 tokio::select! {
@@ -108,6 +110,7 @@ pub async fn run(host: Arc<Host>) {
                 }
             }
             Err(status) => {
+                counters.failed();
                 failures += 1;
                 cached = None;
                 let hint = status.metadata().get(LEADER_HINT).and_then(|v| v.to_str().ok()).map(str::to_string);

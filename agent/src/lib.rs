@@ -14,6 +14,7 @@ pub mod heartbeat;
 pub mod host;
 pub mod jobs;
 pub mod lease;
+pub mod metrics;
 pub mod monitor;
 pub mod repo_report;
 pub mod service;

@@ -111,6 +111,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             archive_exe: archive_exe.clone(),
             tls_dir: agent_tls.clone(),
             join: None,
+            metrics_listen: None,
         };
         let agent = steward_agent::daemon::start(acfg).await.with_context(|| format!("starting agent {}", i + 1))?;
         agents.push(agent);
