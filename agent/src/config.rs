@@ -128,13 +128,6 @@ fn load_file(path: &Path) -> Result<AgentArgs, ConfigError> {
     toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
 }
 
-fn host_part(addr: &str) -> String {
-    match addr.rsplit_once(':') {
-        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
-        None => addr.to_string(),
-    }
-}
-
 impl AgentArgs {
     /// Merges file and flags and applies defaults.
     pub fn resolve(self) -> Result<AgentConfig, ConfigError> {
@@ -156,7 +149,10 @@ impl AgentArgs {
                     .into(),
             ));
         }
-        let pg_host = self.pg_host.or(file.pg_host).unwrap_or_else(|| host_part(&advertise));
+        let pg_host = self
+            .pg_host
+            .or(file.pg_host)
+            .unwrap_or_else(|| steward_proto::tls::transport::host_of(&advertise).to_string());
         let repo = self.repo.or(file.repo);
         if let Some(r) = &repo {
             if r.contains("://") {

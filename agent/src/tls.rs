@@ -3,7 +3,7 @@
 //! its life, and reloaded without a restart.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use steward_proto::tls::pki::{self, LeafPair};
 use steward_proto::tls::{Identity, Role, TlsDir, TlsError, TlsMaterial};
@@ -13,27 +13,16 @@ use steward_proto::v1::RenewCertificateRequest;
 use crate::config::AgentConfig;
 use crate::host::Host;
 
-/// Addresses this host's certificate is valid for: its advertised agent address, the
-/// PostgreSQL host name clients use, loopback.
+/// Addresses this host's certificate is valid for: the PostgreSQL names
+/// ([`crate::pg::tls::host_names`]: clients' host, listen addresses, loopback) and the agent's
+/// advertised address, which the control plane dials.
 pub fn host_names(cfg: &AgentConfig) -> Vec<String> {
-    let mut hosts =
-        vec!["localhost".to_string(), "127.0.0.1".to_string(), host_part(&cfg.advertise), cfg.pg_host.clone()];
-    if cfg.pg_listen != "*" {
-        hosts.extend(cfg.pg_listen.split(',').map(|s| s.trim().to_string()));
+    let mut hosts = crate::pg::tls::host_names(&cfg.pg_host, &cfg.pg_listen);
+    let agent = steward_proto::tls::transport::host_of(&cfg.advertise);
+    if !agent.is_empty() && !hosts.iter().any(|h| h == agent) {
+        hosts.push(agent.to_string());
     }
-    hosts.sort();
-    hosts.dedup();
-    hosts.retain(|h| !h.is_empty() && h != "*" && h != "0.0.0.0" && h != "::");
     hosts
-}
-
-fn host_part(addr: &str) -> String {
-    match addr.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => {
-            h.trim_start_matches('[').trim_end_matches(']').to_string()
-        }
-        _ => addr.to_string(),
-    }
 }
 
 /// Loads this host's TLS material, joining first if the directory is empty and a join token
@@ -78,13 +67,6 @@ pub fn host_id_from_cert(cfg: &AgentConfig) -> Option<String> {
     dir.identity().ok().filter(|i| i.role == Role::Agent).map(|i| i.name)
 }
 
-fn due(tls: &TlsMaterial) -> bool {
-    let Ok(pem) = pki::read(&tls.dir().node_cert()) else { return false };
-    let Ok(life) = pki::lifetime(&pem) else { return false };
-    let left = tls.not_after().duration_since(SystemTime::now()).unwrap_or_default();
-    left < life / 3
-}
-
 async fn renew(host: &Host) -> Result<(), String> {
     let identity = host.tls.identity();
     let (csr, key_pem) = pki::new_csr(&identity).map_err(|e| e.to_string())?;
@@ -120,13 +102,9 @@ async fn serve_to_postgres(host: &Host) {
 /// Renews the certificate when due and picks up files changed on disk; runs until dropped.
 pub async fn maintain(host: Arc<Host>) {
     loop {
-        let life = pki::read(&host.tls.dir().node_cert()).ok().and_then(|p| pki::lifetime(&p).ok());
-        let every = life
-            .map(|l| l / 20)
-            .unwrap_or(Duration::from_secs(60))
-            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let every = (host.tls.lifetime() / 20).clamp(Duration::from_secs(1), Duration::from_secs(60));
         tokio::time::sleep(every).await;
-        if due(&host.tls) {
+        if host.tls.renewal_due() {
             match renew(&host).await {
                 Ok(()) => {
                     tracing::info!(not_after = ?host.tls.not_after(), "renewed this host's certificate");
@@ -165,6 +143,5 @@ mod tests {
     fn only_the_peer_lease_is_open_to_agents() {
         assert_eq!(access("/steward.v1.Agent/PeerLease"), &[Role::ControlPlane, Role::Agent]);
         assert_eq!(access("/steward.v1.Agent/Promote"), &[Role::ControlPlane]);
-        assert_eq!(host_part("10.0.0.1:7410"), "10.0.0.1");
     }
 }

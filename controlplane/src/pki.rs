@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use steward_proto::tls::pki::{self, Issuer, LeafRequest};
+use steward_proto::tls::transport::host_of;
 use steward_proto::tls::{Identity, Role, TlsDir, TlsMaterial};
 
 use crate::config::NodeConfig;
@@ -16,7 +17,7 @@ use crate::config::NodeConfig;
 pub fn node_hosts(cfg: &NodeConfig) -> Vec<String> {
     let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     for a in [&cfg.advertise.grpc_addr, &cfg.advertise.api_addr] {
-        hosts.push(host_part(a));
+        hosts.push(host_of(a).to_string());
     }
     for l in [cfg.grpc_listen, cfg.api_listen] {
         if !l.ip().is_unspecified() {
@@ -32,16 +33,6 @@ pub fn node_hosts(cfg: &NodeConfig) -> Vec<String> {
     hosts.dedup();
     hosts.retain(|h| !h.is_empty() && h != "0.0.0.0" && h != "::");
     hosts
-}
-
-/// The host of `host:port` (brackets of IPv6 literals removed).
-pub fn host_part(addr: &str) -> String {
-    let a = addr.trim_start_matches("https://").trim_start_matches("http://");
-    let h = match a.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => a,
-    };
-    h.trim_start_matches('[').trim_end_matches(']').to_string()
 }
 
 fn identity(cfg: &NodeConfig) -> Identity {
@@ -96,39 +87,33 @@ fn issue_own(cfg: &NodeConfig, dir: &TlsDir) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether a certificate with `not_after` and `lifetime` is in the last third of its life.
-pub fn renewal_due(not_after: SystemTime, lifetime: Duration) -> bool {
-    let left = not_after.duration_since(SystemTime::now()).unwrap_or_default();
-    left < lifetime / 3
+/// At start: re-issues this node's certificate from the CA key when a third or less of its
+/// life is left.
+fn renew_if_due(cfg: &NodeConfig, dir: &TlsDir) -> anyhow::Result<()> {
+    if dir.ca_key().exists() && pki::validity(&pki::read(&dir.node_cert())?)?.renewal_due(SystemTime::now()) {
+        issue_own(cfg, dir)?;
+        tracing::info!("renewed this node's certificate");
+    }
+    Ok(())
 }
 
-/// Re-issues this node's certificate from the CA key when a third or less of its life is left.
-fn renew_if_due(cfg: &NodeConfig, dir: &TlsDir) -> anyhow::Result<bool> {
-    if !dir.ca_key().exists() {
-        return Ok(false);
-    }
-    let pem = pki::read(&dir.node_cert())?;
-    if !renewal_due(pki::not_after(&pem)?, pki::lifetime(&pem)?) {
-        return Ok(false);
-    }
-    issue_own(cfg, dir)?;
-    tracing::info!("renewed this node's certificate");
-    Ok(true)
-}
-
-/// Renews this node's certificate in time and reloads TLS files that changed on disk.
+/// Reloads TLS files that changed on disk and renews this node's certificate in time (from the
+/// CA key, when this node holds it).
 pub async fn maintain(cfg: NodeConfig, tls: Arc<TlsMaterial>) {
     let every = (cfg.cert_lifetime / 20).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         tokio::time::sleep(every).await;
-        let dir = tls.dir().clone();
-        if let Err(e) = renew_if_due(&cfg, &dir) {
-            tracing::error!(error = %e, "renewing this node's certificate failed; will retry");
-        }
         match tls.reload_if_changed() {
             Ok(true) => tracing::info!(identity = %tls.identity(), "reloaded TLS certificates"),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "new TLS files are not usable; keeping the current ones"),
+        }
+        if !tls.renewal_due() || !tls.dir().ca_key().exists() {
+            continue;
+        }
+        match issue_own(&cfg, tls.dir()).and_then(|()| Ok(tls.reload()?)) {
+            Ok(()) => tracing::info!("renewed this node's certificate"),
+            Err(e) => tracing::error!(error = %e, "renewing this node's certificate failed; will retry"),
         }
     }
 }
@@ -164,21 +149,5 @@ impl CertAuthority {
     pub fn fingerprint(&self) -> Result<String, String> {
         let bundle = pki::read(&self.dir.ca_cert()).map_err(|e| e.to_string())?;
         pki::ca_fingerprint(&bundle).map_err(|e| e.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_parts_and_renewal() {
-        assert_eq!(host_part("10.0.0.1:7400"), "10.0.0.1");
-        assert_eq!(host_part("[::1]:7400"), "::1");
-        assert_eq!(host_part("db.example"), "db.example");
-        let life = Duration::from_secs(90);
-        assert!(!renewal_due(SystemTime::now() + Duration::from_secs(80), life));
-        assert!(renewal_due(SystemTime::now() + Duration::from_secs(20), life));
-        assert!(renewal_due(SystemTime::now() - Duration::from_secs(1), life));
     }
 }

@@ -1,7 +1,7 @@
 //! A simulated agent speaking the real gRPC protocol (register + heartbeats, following the
 //! leader), for tests that need hosts but not PostgreSQL; and an operator client.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use steward_proto::v1::control_plane_client::ControlPlaneClient;
@@ -36,45 +36,76 @@ pub fn facts(host_id: &str) -> HostFacts {
 /// Registers `host_id` and heartbeats every 300 ms until the returned task is aborted (it is
 /// aborted on drop of the handle by the caller, and ends by itself after `lifetime`).
 pub fn spawn_host(nodes: Vec<String>, host_id: &str, lifetime: Duration) -> tokio::task::JoinHandle<()> {
-    let f = facts(host_id);
-    let material = crate::tls::host_material(host_id);
+    let host_id = host_id.to_string();
     tokio::spawn(async move {
-        let material = match material {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("simulated host {}: no certificate: {e:#}", f.host_id);
-                return;
+        let end = Instant::now() + lifetime;
+        heartbeat_loop(&nodes, &host_id, Duration::from_millis(300), end, |_, _| {}).await;
+    })
+}
+
+/// A simulated agent with an agent certificate for `host_id`: registers, then heartbeats every
+/// `every` until `end`, following the leader hint (or the next node) after a failure.
+/// `on_beat(sent, latency)` is called for each answered heartbeat.
+pub async fn heartbeat_loop(
+    nodes: &[String],
+    host_id: &str,
+    every: Duration,
+    end: Instant,
+    mut on_beat: impl FnMut(Instant, Duration),
+) {
+    let f = facts(host_id);
+    let material = match crate::tls::host_material(host_id) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("simulated host {host_id}: no certificate: {e:#}");
+            return;
+        }
+    };
+    let Some(first) = nodes.first() else { return };
+    let mut target = first.clone();
+    let mut i = 0usize;
+    let mut registered = false;
+    let mut client: Option<ControlPlaneClient<Channel>> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while Instant::now() < end {
+        tick.tick().await;
+        if client.is_none() {
+            match crate::tls::channel_with(&target, &material) {
+                Ok(ch) => client = Some(ControlPlaneClient::new(ch)),
+                Err(_) => return,
             }
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let sent = Instant::now();
+        let r = if registered {
+            let mut req = tonic::Request::new(HeartbeatRequest { facts: Some(f.clone()), instances: vec![] });
+            req.set_timeout(Duration::from_secs(5));
+            c.heartbeat(req).await.map(|r| r.into_inner().known)
+        } else {
+            let mut req = tonic::Request::new(RegisterRequest { facts: Some(f.clone()) });
+            req.set_timeout(Duration::from_secs(5));
+            c.register(req).await.map(|_| true)
         };
-        let end = tokio::time::Instant::now() + lifetime;
-        let mut i = 0usize;
-        let mut target = nodes[0].clone();
-        let mut registered = false;
-        while tokio::time::Instant::now() < end {
-            let Ok(ch) = crate::tls::channel_with(&target, &material) else { return };
-            let mut c = ControlPlaneClient::new(ch);
-            let r = if registered {
-                let mut req = tonic::Request::new(HeartbeatRequest { facts: Some(f.clone()), instances: vec![] });
-                req.set_timeout(Duration::from_secs(5));
-                c.heartbeat(req).await.map(|r| r.into_inner().known)
-            } else {
-                let mut req = tonic::Request::new(RegisterRequest { facts: Some(f.clone()) });
-                req.set_timeout(Duration::from_secs(5));
-                c.register(req).await.map(|_| true)
-            };
-            match r {
-                Ok(known) => registered = known,
-                Err(s) => match s.metadata().get("x-steward-leader").and_then(|v| v.to_str().ok()) {
+        match r {
+            Ok(known) => {
+                if registered {
+                    on_beat(sent, sent.elapsed());
+                }
+                registered = known;
+            }
+            Err(s) => {
+                client = None;
+                match s.metadata().get("x-steward-leader").and_then(|v| v.to_str().ok()) {
                     Some(l) => target = l.to_string(),
                     None => {
                         i = (i + 1) % nodes.len();
                         target = nodes[i].clone();
                     }
-                },
+                }
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
         }
-    })
+    }
 }
 
 /// Operator gRPC client for `addr` with the admin token attached to each request by [`op_req`].

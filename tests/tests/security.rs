@@ -265,7 +265,7 @@ async fn join_tokens_work_once_and_certificates_rotate_without_interruption() ->
     let first_agent = pki::read(&cert.node_cert())?;
     let node_tls = TlsDir(one.node.dir.join("tls"));
     let first_node = pki::read(&node_tls.node_cert())?;
-    let first_expiry = pki::not_after(&first_agent)?;
+    let first_expiry = pki::validity(&first_agent)?.not_after;
     wait_for("both certificates to be renewed", Duration::from_secs(40), || async {
         Ok((pki::read(&cert.node_cert())? != first_agent && pki::read(&node_tls.node_cert())? != first_node)
             .then_some(()))

@@ -216,8 +216,8 @@ pub enum PgError {
 
     /// The PostgreSQL server certificate could not be made, or a given one is unusable.
     #[error(
-        "unusable PostgreSQL server certificate: {0}; give a PEM certificate and its PEM private key \
-         (or remove the agent's tls directory to have a new self-signed one made)"
+        "unusable PostgreSQL server certificate: {0}; PostgreSQL serves this host's certificate \
+         (node.pem and node.key in the agent's TLS directory): check or re-issue it"
     )]
     Certificate(String),
 

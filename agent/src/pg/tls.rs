@@ -81,7 +81,9 @@ pub fn host_names(pg_host: &str, pg_listen: &str) -> Vec<String> {
     names
 }
 
-/// A new self-signed certificate (ECDSA P-256) for `names` (IP addresses become IP SANs).
+/// A new self-signed certificate (ECDSA P-256) for `names` (IP addresses become IP SANs), for
+/// tests that run PostgreSQL without a cluster CA.
+#[cfg(test)]
 pub fn generate(names: &[String]) -> Result<ServerCert, PgError> {
     let fail = |e: rcgen::Error| PgError::Certificate(e.to_string());
     let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(fail)?;
@@ -153,8 +155,7 @@ impl Instance {
 }
 
 /// Accepts any server certificate but checks the handshake signatures with it: libpq's
-/// `sslmode=require` (encrypted, server not authenticated), since server certificates are
-/// self-signed for now.
+/// `sslmode=require` (encrypted, server not authenticated), as the connection URIs say.
 #[derive(Debug)]
 struct RequireMode(Arc<CryptoProvider>);
 

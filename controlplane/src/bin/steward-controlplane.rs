@@ -103,7 +103,7 @@ fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
             let dir = TlsDir(dir);
             let identity = dir.identity()?;
             let pem = read(&dir.node_cert())?;
-            let until = chrono::DateTime::<chrono::Utc>::from(steward_proto::tls::pki::not_after(&pem)?);
+            let until = chrono::DateTime::<chrono::Utc>::from(steward_proto::tls::pki::validity(&pem)?.not_after);
             println!("{identity}, valid until {}", until.to_rfc3339());
             println!("CA key present: {}", dir.ca_key().exists());
         }

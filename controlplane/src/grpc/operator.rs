@@ -101,6 +101,26 @@ impl OperatorService {
         }
     }
 
+    /// Writes a command about one host (drain, revoke); an unknown host is NOT_FOUND.
+    async fn change_host(&self, cmd: crate::state::Command) -> Result<(), Status> {
+        match self.node.write(cmd).await.map_err(|e| Status::unavailable(e.to_string()))? {
+            crate::state::Response::Done => Ok(()),
+            crate::state::Response::NotFound { message } => {
+                Err(Status::not_found(format!("{message} (see stewardctl hosts)")))
+            }
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// A host as operators see it, after a change.
+    async fn host_reply(&self, host_id: &str) -> Result<Response<HostInfo>, Status> {
+        let h = query::host(self.node.store.pool(), host_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("host {host_id} is not registered")))?;
+        Ok(Response::new(self.host_info(h).await?))
+    }
+
     async fn read(&self) -> Result<(), Status> {
         self.node.linearizable_read().await.map_err(|e| Status::unavailable(e.to_string()))
     }
@@ -434,21 +454,11 @@ impl Operator for OperatorService {
             at: crate::now(),
             actor: "operator".into(),
         };
-        match self.node.write(cmd).await.map_err(|e| Status::unavailable(e.to_string()))? {
-            crate::state::Response::Done => {}
-            crate::state::Response::NotFound { message } => {
-                return Err(Status::not_found(format!("{message} (see stewardctl hosts)")))
-            }
-            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
-        }
+        self.change_host(cmd).await?;
         if !r.undrain {
             self.ctx.set_drain_note(&r.host_id, "starting");
         }
-        let h = query::host(self.node.store.pool(), &r.host_id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("host {} is not registered", r.host_id)))?;
-        Ok(Response::new(self.host_info(h).await?))
+        self.host_reply(&r.host_id).await
     }
 
     async fn list_backups(&self, req: Request<ListBackupsRequest>) -> Result<Response<ListBackupsReply>, Status> {
@@ -527,19 +537,9 @@ impl Operator for OperatorService {
             at: crate::now(),
             actor: "operator".into(),
         };
-        match self.node.write(cmd).await.map_err(|e| Status::unavailable(e.to_string()))? {
-            crate::state::Response::Done => {}
-            crate::state::Response::NotFound { message } => {
-                return Err(Status::not_found(format!("{message} (see stewardctl hosts)")))
-            }
-            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
-        }
+        self.change_host(cmd).await?;
         tracing::warn!(host_id = %r.host_id, "host revoked");
-        let h = query::host(self.node.store.pool(), &r.host_id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("host {} is not registered", r.host_id)))?;
-        Ok(Response::new(self.host_info(h).await?))
+        self.host_reply(&r.host_id).await
     }
 }
 

@@ -159,13 +159,8 @@ async fn https_post(
     path: &str,
     body: &[u8],
 ) -> Result<(u16, Vec<u8>), TlsError> {
+    let name = super::transport::server_name(addr)?;
     let addr = addr.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/');
-    let host = match addr.rsplit_once(':') {
-        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
-        None => addr,
-    };
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|_| TlsError::Invalid(format!("'{addr}' has no valid host name")))?;
     let io_err = |source| TlsError::Io { path: addr.into(), source };
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect(addr).await.map_err(io_err)?;

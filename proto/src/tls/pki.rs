@@ -37,7 +37,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     move |source| TlsError::Io { path: path.to_path_buf(), source }
 }
 
-fn validity(params: &mut CertificateParams, lifetime: Duration) {
+fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = time::OffsetDateTime::now_utc();
     // A little backdating absorbs clock skew between hosts.
     params.not_before = now - time::Duration::minutes(5);
@@ -80,7 +80,7 @@ pub fn create_ca(common_name: &str) -> Result<CaPair, TlsError> {
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, CA_LIFETIME);
+    set_validity(&mut params, CA_LIFETIME);
     let key = KeyPair::generate().map_err(rc)?;
     let cert = params.self_signed(&key).map_err(rc)?;
     Ok(CaPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
@@ -130,7 +130,7 @@ impl LeafRequest {
             _ => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
         };
         params.use_authority_key_identifier_extension = true;
-        validity(&mut params, self.lifetime);
+        set_validity(&mut params, self.lifetime);
         Ok(params)
     }
 }
@@ -213,24 +213,33 @@ pub fn ca_fingerprint(ca_pem: &str) -> Result<String, TlsError> {
     Ok(hex::encode(Sha256::digest(first.as_ref())))
 }
 
-/// When a PEM certificate expires.
-pub fn not_after(cert_pem: &str) -> Result<SystemTime, TlsError> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
-        .map_err(|e| TlsError::Invalid(format!("certificate PEM: {e}")))?;
-    let cert = pem.parse_x509().map_err(|e| TlsError::Invalid(format!("certificate: {e}")))?;
-    let v = cert.validity();
-    let secs = u64::try_from(v.not_after.timestamp()).unwrap_or(0);
-    let _ = v.not_before;
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+/// When a certificate is valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
 }
 
-/// How long a certificate is valid in all (not_after - not_before).
-pub fn lifetime(cert_pem: &str) -> Result<Duration, TlsError> {
+impl Validity {
+    /// How long the certificate is valid in all.
+    pub fn lifetime(&self) -> Duration {
+        self.not_after.duration_since(self.not_before).unwrap_or_default()
+    }
+
+    /// Whether a third or less of its life is left at `now`: time to renew it.
+    pub fn renewal_due(&self, now: SystemTime) -> bool {
+        self.not_after.duration_since(now).unwrap_or_default() < self.lifetime() / 3
+    }
+}
+
+/// The validity of the first certificate in a PEM text.
+pub fn validity(cert_pem: &str) -> Result<Validity, TlsError> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
         .map_err(|e| TlsError::Invalid(format!("certificate PEM: {e}")))?;
     let cert = pem.parse_x509().map_err(|e| TlsError::Invalid(format!("certificate: {e}")))?;
     let v = cert.validity();
-    Ok(Duration::from_secs(u64::try_from(v.not_after.timestamp() - v.not_before.timestamp()).unwrap_or(0)))
+    let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+    Ok(Validity { not_before: at(v.not_before.timestamp()), not_after: at(v.not_after.timestamp()) })
 }
 
 /// Reads a text file, naming it in the error.
@@ -340,7 +349,7 @@ mod tests {
         let leaf = issuer.issue(&req).unwrap();
         let der = super::super::transport::certs_from_pem(leaf.cert_pem.as_bytes()).unwrap();
         assert_eq!(Identity::from_der(&der[0]), Some(req.identity.clone()));
-        let life = lifetime(&leaf.cert_pem).unwrap();
+        let life = validity(&leaf.cert_pem).unwrap().lifetime();
         assert!(life >= Duration::from_secs(3600) && life <= Duration::from_secs(3600 + 301), "{life:?}");
 
         let (csr, _key) = new_csr(&Identity::new(Role::ControlPlane, "evil")).unwrap();
@@ -349,6 +358,11 @@ mod tests {
         // The identity is the one authorized, not the one the CSR asked for.
         assert_eq!(Identity::from_der(&der[0]), Some(req.identity.clone()));
         assert_eq!(ca_fingerprint(&ca.cert_pem).unwrap().len(), 64);
+        // renewal is due in the last third of the life
+        let v = validity(&leaf.cert_pem).unwrap();
+        assert!(!v.renewal_due(v.not_before + Duration::from_secs(60)));
+        assert!(v.renewal_due(v.not_after - Duration::from_secs(60)));
+        assert!(v.renewal_due(v.not_after + Duration::from_secs(1)));
         assert!(Issuer::from_pem(&ca.cert_pem, "junk").is_err());
         assert!(issuer.sign_csr("junk", &req).is_err());
     }

@@ -55,7 +55,7 @@ fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, TlsError> {
 struct Loaded {
     key: Arc<CertifiedKey>,
     identity: Identity,
-    not_after: SystemTime,
+    validity: pki::Validity,
     client_verifier: Arc<dyn ClientCertVerifier>,
     server_verifier: Arc<WebPkiServerVerifier>,
     stamp: Vec<Option<SystemTime>>,
@@ -94,7 +94,7 @@ fn load(dir: &TlsDir) -> Result<Loaded, TlsError> {
         .ok_or_else(|| TlsError::Invalid(format!("{} holds no certificate", dir.node_cert().display())))?;
     let identity = Identity::from_der(first)
         .ok_or_else(|| TlsError::Invalid(format!("{} carries no Steward identity", dir.node_cert().display())))?;
-    let not_after = pki::not_after(&String::from_utf8_lossy(&cert_pem))?;
+    let validity = pki::validity(&String::from_utf8_lossy(&cert_pem))?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", dir.node_key().display())))?;
     let provider = provider();
@@ -116,7 +116,7 @@ fn load(dir: &TlsDir) -> Result<Loaded, TlsError> {
     let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
         .build()
         .map_err(|e| TlsError::Invalid(format!("server verifier: {e}")))?;
-    Ok(Loaded { key, identity, not_after, client_verifier, server_verifier, stamp })
+    Ok(Loaded { key, identity, validity, client_verifier, server_verifier, stamp })
 }
 
 fn missing(dir: &TlsDir, path: &std::path::Path, source: io::Error) -> TlsError {
@@ -162,7 +162,17 @@ impl TlsMaterial {
 
     /// When this process's certificate expires.
     pub fn not_after(&self) -> SystemTime {
-        self.current().not_after
+        self.current().validity.not_after
+    }
+
+    /// How long this process's certificate is valid in all.
+    pub fn lifetime(&self) -> Duration {
+        self.current().validity.lifetime()
+    }
+
+    /// Whether this process's certificate is in the last third of its life.
+    pub fn renewal_due(&self) -> bool {
+        self.current().validity.renewal_due(SystemTime::now())
     }
 
     /// Reloads the files if any changed since the last load. A broken new set is refused and
@@ -198,23 +208,6 @@ impl TlsMaterial {
             Ok(r) => r.contains(id),
             Err(poisoned) => poisoned.into_inner().contains(id),
         }
-    }
-
-    /// Checks the directory every `every` and reloads what changed (renewals, CA bundle updates).
-    pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match me.reload_if_changed() {
-                    Ok(true) => {
-                        tracing::info!(dir = %me.dir.0.display(), identity = %me.identity(), "reloaded TLS certificates")
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "new TLS files are not usable; keeping the current ones"),
-                }
-            }
-        })
     }
 
     /// Server config: `client_auth` says whether a client certificate from the cluster CA is
@@ -546,13 +539,21 @@ where
     }
 }
 
-fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
-    let host = match addr.rsplit_once(':') {
-        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => addr,
+/// The host of an address as configured (`host:port`, `[v6]:port`, with or without an
+/// `https://` prefix): what certificates name and TLS clients check.
+pub fn host_of(addr: &str) -> &str {
+    let a = addr.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/');
+    let host = match a.rsplit_once(':') {
+        Some((h, port)) if !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => a,
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    ServerName::try_from(host.to_string()).map_err(|_| TlsError::Invalid(format!("'{addr}' has no valid host name")))
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The name a TLS client checks the server's certificate against, for `addr`.
+pub(crate) fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(host_of(addr).to_string())
+        .map_err(|_| TlsError::Invalid(format!("'{addr}' has no valid host name")))
 }
 
 /// A lazily connecting gRPC channel to `addr` (host:port; an `https://` or `http://` prefix is
@@ -585,4 +586,19 @@ pub fn channel(
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_of_addresses() {
+        assert_eq!(host_of("10.0.0.1:7400"), "10.0.0.1");
+        assert_eq!(host_of("https://db.example:7480/"), "db.example");
+        assert_eq!(host_of("[::1]:7400"), "::1");
+        assert_eq!(host_of("db.example"), "db.example");
+        assert!(server_name("10.0.0.1:7400").is_ok());
+        assert!(server_name("bad host:1").is_err());
+    }
 }

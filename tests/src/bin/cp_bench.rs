@@ -30,8 +30,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
-use steward_proto::v1::control_plane_client::ControlPlaneClient;
-use steward_proto::v1::{HeartbeatRequest, RegisterRequest};
 use steward_tests::benchkit::percentile;
 use steward_tests::{admin_token, sim, start_group, tls, wait_leader, Node, Rest, Scratch};
 
@@ -206,56 +204,16 @@ async fn election(nodes: &mut [Node]) -> Result<Duration> {
     Ok(took)
 }
 
-/// One simulated agent: registers, then heartbeats at 1 Hz to the leader until `end`,
-/// recording each heartbeat's latency.
+/// One simulated agent heartbeating at 1 Hz until `end`, recording the latency of each heartbeat
+/// sent from `measure_from` on.
 async fn agent(grpc: Vec<String>, host_id: String, end: Instant, measure_from: Instant, lat: Arc<Mutex<Vec<f64>>>) {
-    let Ok(material) = tls::host_material(&host_id) else { return };
-    let f = sim::facts(&host_id);
-    let mut target = grpc[0].clone();
-    let mut i = 0;
-    let mut registered = false;
     let mut mine = Vec::new();
-    let mut client: Option<ControlPlaneClient<tonic::transport::Channel>> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while Instant::now() < end {
-        tick.tick().await;
-        if client.is_none() {
-            match tls::channel_with(&target, &material) {
-                Ok(ch) => client = Some(ControlPlaneClient::new(ch)),
-                Err(_) => continue,
-            }
+    sim::heartbeat_loop(&grpc, &host_id, Duration::from_secs(1), end, |sent, took| {
+        if sent >= measure_from {
+            mine.push(took.as_secs_f64() * 1000.0);
         }
-        let Some(c) = client.as_mut() else { continue };
-        let t = Instant::now();
-        let r = if registered {
-            let mut req = tonic::Request::new(HeartbeatRequest { facts: Some(f.clone()), instances: vec![] });
-            req.set_timeout(Duration::from_secs(5));
-            c.heartbeat(req).await.map(|r| r.into_inner().known)
-        } else {
-            let mut req = tonic::Request::new(RegisterRequest { facts: Some(f.clone()) });
-            req.set_timeout(Duration::from_secs(10));
-            c.register(req).await.map(|_| true)
-        };
-        match r {
-            Ok(known) => {
-                if registered && t >= measure_from {
-                    mine.push(t.elapsed().as_secs_f64() * 1000.0);
-                }
-                registered = known;
-            }
-            Err(s) => {
-                client = None;
-                match s.metadata().get("x-steward-leader").and_then(|v| v.to_str().ok()) {
-                    Some(l) => target = l.to_string(),
-                    None => {
-                        i = (i + 1) % grpc.len();
-                        target = grpc[i].clone();
-                    }
-                }
-            }
-        }
-    }
+    })
+    .await;
     lat.lock().unwrap_or_else(|p| p.into_inner()).extend(mine);
 }
 
