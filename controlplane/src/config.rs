@@ -58,10 +58,13 @@ pub struct NodeArgs {
     /// File holding the admin token (created with a random token if missing).
     #[arg(long, env = "STEWARD_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// Raft heartbeat interval in milliseconds (default 150).
+    /// Raft heartbeat interval in milliseconds (default 100).
     #[arg(long)]
     pub raft_heartbeat_ms: Option<u64>,
-    /// Minimum election timeout in milliseconds (default 600; the maximum is twice this).
+    /// Minimum election timeout in milliseconds (default 300; the maximum is twice this). A
+    /// follower that stops hearing from its leader starts an election after the leader's lease
+    /// (the maximum) plus a random timeout between the minimum and the maximum: 0.9-1.2 s by
+    /// default.
     #[arg(long)]
     pub raft_election_ms: Option<u64>,
     /// Build a snapshot every this many log entries (default 5000).
@@ -187,8 +190,8 @@ impl NodeArgs {
                 "this node (id {node_id}) is not among the initial members; list it, or give no initial members to join later"
             )));
         }
-        let election = self.raft_election_ms.or(file.raft_election_ms).unwrap_or(600);
-        let heartbeat = self.raft_heartbeat_ms.or(file.raft_heartbeat_ms).unwrap_or(150);
+        let election = self.raft_election_ms.or(file.raft_election_ms).unwrap_or(300);
+        let heartbeat = self.raft_heartbeat_ms.or(file.raft_heartbeat_ms).unwrap_or(100);
         if heartbeat == 0 || heartbeat * 2 > election {
             return Err(ConfigError::Invalid(
                 "raft_heartbeat_ms must be > 0 and at most half of raft_election_ms".into(),

@@ -54,6 +54,16 @@ pub async fn render(node: &RaftNode, m: &Metrics, liveness: &Liveness) -> String
     for (name, help, v) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
+    let gc = &node.proposals.stats;
+    let _ = writeln!(
+        out,
+        "# HELP steward_raft_proposals_total Commands proposed on this node (group commit; its own and forwarded ones).\n\
+         # TYPE steward_raft_proposals_total counter\nsteward_raft_proposals_total {}\n\
+         # HELP steward_raft_proposal_entries_total Log entries those commands were proposed in (the ratio is the mean batch).\n\
+         # TYPE steward_raft_proposal_entries_total counter\nsteward_raft_proposal_entries_total {}",
+        gc.proposals.load(Ordering::Relaxed),
+        gc.entries.load(Ordering::Relaxed),
+    );
     raft_progress(&mut out, node.id, &rm);
     let expiry = steward_agent::metrics::seconds_until(node.tls.not_after(), SystemTime::now());
     let _ = writeln!(

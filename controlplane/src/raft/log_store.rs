@@ -1,6 +1,8 @@
 //! Durable Raft log and vote in their own SQLite file (`raft-log.db`). Every append, truncate,
 //! purge and vote commits with `synchronous=FULL` (an fsync) before openraft is told it is durable;
-//! a batch of entries handed over together is one transaction, so one fsync.
+//! a batch of entries handed over together is one transaction, so one fsync. The committed index
+//! is only a hint for a faster restart (losing it is safe), so it is written without an fsync of
+//! its own: the next append's fsync carries it.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -8,7 +10,7 @@ use std::path::Path;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{OptionalSend, Vote};
-use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::{read_err, write_err, Entry, LogId, NodeId, StorageError, TypeConfig};
 use crate::state::store::durable_options;
@@ -17,6 +19,8 @@ use crate::state::store::durable_options;
 #[derive(Clone, Debug)]
 pub struct LogStore {
     pool: SqlitePool,
+    /// One connection with `synchronous=NORMAL` (no fsync at commit), for the committed index.
+    relaxed: SqlitePool,
 }
 
 impl LogStore {
@@ -30,7 +34,11 @@ impl LogStore {
         sqlx::query("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             .execute(&pool)
             .await?;
-        Ok(Self { pool })
+        let relaxed = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(durable_options(&dir.join("raft-log.db"))?.synchronous(SqliteSynchronous::Normal))
+            .await?;
+        Ok(Self { pool, relaxed })
     }
 
     async fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -46,13 +54,17 @@ impl LogStore {
     }
 
     async fn set_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), StorageError> {
+        Self::set_meta_in(&self.pool, key, value).await
+    }
+
+    async fn set_meta_in<T: serde::Serialize>(pool: &SqlitePool, key: &str, value: &T) -> Result<(), StorageError> {
         let v = serde_json::to_string(value).map_err(write_err)?;
         sqlx::query(
             "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind(key)
         .bind(v)
-        .execute(&self.pool)
+        .execute(pool)
         .await
         .map_err(write_err)?;
         Ok(())
@@ -125,7 +137,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.set_meta("committed", &committed).await
+        Self::set_meta_in(&self.relaxed, "committed", &committed).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

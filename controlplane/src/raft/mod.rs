@@ -2,9 +2,11 @@
 //! configuration, durable log storage, the SQLite state machine, the tonic transport and the
 //! node wrapper that forwards writes and linearizable reads to the leader.
 
+pub mod group_commit;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod read_index;
 pub mod service;
 pub mod state_machine;
 

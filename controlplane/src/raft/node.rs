@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use steward_proto::v1::raft_client::RaftClient;
@@ -18,7 +18,9 @@ use tonic::transport::Channel;
 use super::log_store::LogStore;
 use steward_proto::tls::{Role, TlsMaterial};
 
+use super::group_commit::GroupCommit;
 use super::network::{channel, NetworkFactory};
+use super::read_index::Coalescer;
 use super::state_machine::{SmStats, StateMachine};
 use super::{NodeId, NodeInfo, Raft};
 use crate::state::{Command, Response, Store};
@@ -38,7 +40,7 @@ pub enum RaftApiError {
 }
 
 /// Answer to a forwarded write.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ForwardReply {
     /// Applied on the leader at this log index.
     Ok(Response, u64),
@@ -49,7 +51,7 @@ pub enum ForwardReply {
 }
 
 /// Answer to a read-index request.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ReadIndexReply {
     Ok(u64),
     NotLeader { leader: Option<NodeId> },
@@ -70,7 +72,7 @@ pub struct RaftSettings {
 
 impl Default for RaftSettings {
     fn default() -> Self {
-        Self { heartbeat_ms: 150, election_min_ms: 600, election_max_ms: 1200, snapshot_logs: 5000, keep_logs: 1000 }
+        Self { heartbeat_ms: 100, election_min_ms: 300, election_max_ms: 600, snapshot_logs: 5000, keep_logs: 1000 }
     }
 }
 
@@ -88,6 +90,12 @@ pub struct RaftNode {
     /// Client TLS towards agents (they must present an agent certificate).
     pub agent_tls: Arc<rustls::ClientConfig>,
     peers: Mutex<HashMap<String, RaftClient<Channel>>>,
+    /// Batches this node's proposals while it leads.
+    pub proposals: GroupCommit,
+    /// Leadership confirmations shared by concurrent linearizable reads (leader side).
+    leader_rounds: Coalescer<ReadIndexReply>,
+    /// `ReadIndex` calls to the leader shared by concurrent linearizable reads (follower side).
+    follower_rounds: Coalescer<ReadIndexReply>,
 }
 
 /// How long a write or read waits for a leader to appear before giving up with 503.
@@ -121,7 +129,21 @@ impl RaftNode {
         };
         let config = Arc::new(config.validate()?);
         let raft = Raft::new(id, config, NetworkFactory::new(peer_tls.clone()), log.clone(), sm).await?;
-        Ok(Arc::new(Self { id, raft, store, log, stats, tls, peer_tls, agent_tls, peers: Mutex::new(HashMap::new()) }))
+        let proposals = GroupCommit::start(raft.clone());
+        Ok(Arc::new(Self {
+            id,
+            raft,
+            store,
+            log,
+            stats,
+            tls,
+            peer_tls,
+            agent_tls,
+            peers: Mutex::new(HashMap::new()),
+            proposals,
+            leader_rounds: Coalescer::default(),
+            follower_rounds: Coalescer::default(),
+        }))
     }
 
     /// Initializes a new group with `members` if this node has never been part of one.
@@ -152,15 +174,10 @@ impl RaftNode {
         self.raft.metrics().borrow().state == ServerState::Leader
     }
 
-    /// Proposes `cmd` here; reports `NotLeader` instead of forwarding.
+    /// Proposes `cmd` here, batched with concurrent proposals (group commit); reports
+    /// `NotLeader` instead of forwarding.
     pub async fn write_local(&self, cmd: Command) -> ForwardReply {
-        match self.raft.client_write(cmd).await {
-            Ok(r) => ForwardReply::Ok(r.data, r.log_id.index),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                ForwardReply::NotLeader { leader: f.leader_id }
-            }
-            Err(e) => ForwardReply::Error(e.to_string()),
-        }
+        self.proposals.propose(cmd).await
     }
 
     /// Proposes `cmd` and waits until it is committed and applied, forwarding to the leader when
@@ -231,16 +248,40 @@ impl RaftNode {
     /// Leader side of a read index: confirms leadership with a quorum and returns the index a
     /// reader must have applied.
     pub async fn read_index_local(&self) -> ReadIndexReply {
-        match self.raft.ensure_linearizable().await {
-            Ok(log_id) => ReadIndexReply::Ok(log_id.map(|l| l.index).unwrap_or(0)),
-            Err(RaftError::APIError(e)) => match e {
-                openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
-                    ReadIndexReply::NotLeader { leader: f.leader_id }
+        let raft = self.raft.clone();
+        let round = move || -> futures::future::BoxFuture<'static, ReadIndexReply> {
+            let raft = raft.clone();
+            Box::pin(async move { confirm_leadership(&raft).await })
+        };
+        self.leader_rounds
+            .join(round)
+            .await
+            .unwrap_or_else(|| ReadIndexReply::Error("read-index round failed (node shutting down)".into()))
+    }
+
+    /// Asks the leader at `addr` for its read index, sharing the call with concurrent readers.
+    async fn read_index_remote(&self, leader: NodeId, addr: &str) -> Result<ReadIndexReply, RaftApiError> {
+        let client = self.peer(addr).await?;
+        let round = move || -> futures::future::BoxFuture<'static, ReadIndexReply> {
+            let mut client = client.clone();
+            Box::pin(async move {
+                let mut req = tonic::Request::new(RaftPayload { json: b"null".to_vec() });
+                req.set_timeout(LEADER_WAIT);
+                match client.read_index(req).await {
+                    Ok(r) => serde_json::from_slice(&r.into_inner().json)
+                        .unwrap_or_else(|e| ReadIndexReply::Error(format!("leader's read index reply: {e}"))),
+                    Err(s) => {
+                        tracing::debug!(leader, error = %s, "read index failed");
+                        ReadIndexReply::NotLeader { leader: None }
+                    }
                 }
-                other => ReadIndexReply::Error(other.to_string()),
-            },
-            Err(e) => ReadIndexReply::Error(e.to_string()),
-        }
+            })
+        };
+        Ok(self
+            .follower_rounds
+            .join(round)
+            .await
+            .unwrap_or_else(|| ReadIndexReply::Error("read-index round failed (node shutting down)".into())))
     }
 
     /// Makes the next local read linearizable: on the leader, confirm leadership; on a follower,
@@ -251,18 +292,7 @@ impl RaftNode {
             let reply = if self.is_leader() {
                 self.read_index_local().await
             } else if let Some((lid, node)) = self.leader().filter(|(l, _)| *l != self.id) {
-                let mut client = self.peer(&node.grpc_addr).await?;
-                let mut req = tonic::Request::new(RaftPayload { json: b"null".to_vec() });
-                req.set_timeout(LEADER_WAIT);
-                match client.read_index(req).await {
-                    Ok(r) => {
-                        serde_json::from_slice(&r.into_inner().json).map_err(|e| RaftApiError::Raft(e.to_string()))?
-                    }
-                    Err(s) => {
-                        tracing::debug!(leader = lid, error = %s, "read index failed");
-                        ReadIndexReply::NotLeader { leader: None }
-                    }
-                }
+                self.read_index_remote(lid, &node.grpc_addr).await?
             } else {
                 ReadIndexReply::NotLeader { leader: None }
             };
@@ -286,5 +316,20 @@ impl RaftNode {
                 }
             }
         }
+    }
+}
+
+/// One leadership confirmation on the leader: a heartbeat round to a quorum; returns the index a
+/// reader must have applied.
+async fn confirm_leadership(raft: &Raft) -> ReadIndexReply {
+    match raft.ensure_linearizable().await {
+        Ok(log_id) => ReadIndexReply::Ok(log_id.map(|l| l.index).unwrap_or(0)),
+        Err(RaftError::APIError(e)) => match e {
+            openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
+                ReadIndexReply::NotLeader { leader: f.leader_id }
+            }
+            other => ReadIndexReply::Error(other.to_string()),
+        },
+        Err(e) => ReadIndexReply::Error(e.to_string()),
     }
 }

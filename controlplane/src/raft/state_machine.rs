@@ -12,7 +12,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, St
 use sqlx::{Connection, SqliteConnection};
 
 use super::{read_err, write_err, Entry, LogId, NodeId, NodeInfo, StorageError, TypeConfig};
-use crate::state::{apply::apply, Response, Store};
+use crate::state::{apply::apply_entry, Response, Store};
 
 type Membership = StoredMembership<NodeId, NodeInfo>;
 type Meta = SnapshotMeta<NodeId, NodeInfo>;
@@ -114,7 +114,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => Response::Empty,
                 EntryPayload::Normal(cmd) => {
                     commands = true;
-                    apply(&mut tx, cmd).await.map_err(write_err)?
+                    apply_entry(&mut tx, cmd).await.map_err(write_err)?
                 }
                 EntryPayload::Membership(m) => {
                     let stored = Membership::new(Some(entry.log_id), m.clone());

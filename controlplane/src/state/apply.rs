@@ -7,9 +7,26 @@ use super::command::{Command, Response};
 use super::lifecycle::{self, Action};
 use super::model::{db_state, member_role, move_state, op_kind, op_state, Member};
 
+/// Applies the command of one log entry: a [`Command::Batch`] command by command, anything else
+/// as itself. An `Err` is a storage failure (the transaction is rolled back by the caller).
+pub async fn apply_entry(conn: &mut SqliteConnection, cmd: &Command) -> Result<Response, sqlx::Error> {
+    match cmd {
+        Command::Batch { commands } => {
+            let mut responses = Vec::with_capacity(commands.len());
+            for c in commands {
+                responses.push(apply(conn, c).await?);
+            }
+            Ok(Response::Batch { responses })
+        }
+        other => apply(conn, other).await,
+    }
+}
+
 /// Applies `cmd`; an `Err` is a storage failure (the transaction is rolled back by the caller).
 pub async fn apply(conn: &mut SqliteConnection, cmd: &Command) -> Result<Response, sqlx::Error> {
     match cmd {
+        // Proposers never nest batches; answer deterministically rather than recurse.
+        Command::Batch { .. } => Ok(Response::Conflict { message: "nested command batches are not applied".into() }),
         Command::CreateTeam { name, contact, token_hash, at, actor, token_id } => {
             let exists: Option<(String,)> =
                 sqlx::query_as("SELECT name FROM teams WHERE name = ?").bind(name).fetch_optional(&mut *conn).await?;

@@ -241,6 +241,11 @@ pub enum Command {
         error: String,
         at: String,
     },
+    /// Several independent commands proposed together as one log entry (group commit): they
+    /// are applied in order, each as if it were its own entry, and answered one by one.
+    Batch {
+        commands: Vec<Command>,
+    },
 }
 
 /// What applying a command produced; conflicts are results, not errors, so every node agrees.
@@ -261,5 +266,9 @@ pub enum Response {
     },
     NotFound {
         message: String,
+    },
+    /// The answers to a [`Command::Batch`], in the order of its commands.
+    Batch {
+        responses: Vec<Response>,
     },
 }
