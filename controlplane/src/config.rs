@@ -61,9 +61,9 @@ pub struct NodeArgs {
     /// Raft heartbeat interval in milliseconds (default 100).
     #[arg(long)]
     pub raft_heartbeat_ms: Option<u64>,
-    /// Minimum election timeout in milliseconds (default 300; the maximum is twice this). A
+    /// Minimum election timeout in milliseconds (default 400; the maximum is twice this). A
     /// follower that stops hearing from its leader starts an election after the leader's lease
-    /// (the maximum) plus a random timeout between the minimum and the maximum: 0.9-1.2 s by
+    /// (the maximum) plus a random timeout between the minimum and the maximum: 1.2-1.6 s by
     /// default.
     #[arg(long)]
     pub raft_election_ms: Option<u64>,
@@ -190,7 +190,7 @@ impl NodeArgs {
                 "this node (id {node_id}) is not among the initial members; list it, or give no initial members to join later"
             )));
         }
-        let election = self.raft_election_ms.or(file.raft_election_ms).unwrap_or(300);
+        let election = self.raft_election_ms.or(file.raft_election_ms).unwrap_or(400);
         let heartbeat = self.raft_heartbeat_ms.or(file.raft_heartbeat_ms).unwrap_or(100);
         if heartbeat == 0 || heartbeat * 2 > election {
             return Err(ConfigError::Invalid(

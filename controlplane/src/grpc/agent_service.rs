@@ -89,25 +89,29 @@ pub const HA_HEARTBEAT_MS: u32 = 200;
 impl AgentFacing {
     /// Leases for the HA primaries this host runs, at the cluster's current epoch.
     async fn grant_leases(&self, host_id: &str, instances: &[steward_proto::v1::InstanceStatus]) -> Vec<LeaseGrant> {
+        let serving: Vec<_> = instances
+            .iter()
+            .filter(|i| i.running && !i.fenced && !i.in_recovery && i.role == "primary" && i.probe_ok)
+            .collect();
+        if serving.is_empty() {
+            return Vec::new();
+        }
+        // One indexed query per heartbeat, not one per instance.
+        let Ok(led) = query::ha_clusters_led_by(self.node.store.pool(), host_id).await else { return Vec::new() };
         let mut out = Vec::new();
-        // A primary failing its write probe (a stuck disk) gets no lease: it fences itself when the
-        // current one runs out, and the control plane can then promote a standby.
-        for i in
-            instances.iter().filter(|i| i.running && !i.fenced && !i.in_recovery && i.role == "primary" && i.probe_ok)
-        {
-            let Ok(Some(c)) = query::cluster(self.node.store.pool(), &i.cluster_id).await else { continue };
-            if c.availability != "ha" || c.primary_host != host_id || c.epoch as u64 != i.epoch {
+        for i in serving {
+            let Some(c) = led.iter().find(|c| c.id == i.cluster_id) else { continue };
+            if c.epoch as u64 != i.epoch {
                 continue;
             }
             let lease_ms = crate::reconcile::topology::DEFAULT_LEASE_MS;
             self.liveness
                 .grant(&c.id, std::time::Instant::now() + std::time::Duration::from_millis(u64::from(lease_ms)));
-            out.push(LeaseGrant { cluster_id: c.id, epoch: i.epoch, lease_ms });
+            out.push(LeaseGrant { cluster_id: c.id.clone(), epoch: i.epoch, lease_ms });
         }
         out
     }
 
-    /// Refuses a revoked host (its open connection may predate the revocation).
     async fn refuse_revoked(&self, host_id: &str) -> Result<(), Status> {
         let host = query::host(self.node.store.pool(), host_id).await.map_err(|e| Status::internal(e.to_string()))?;
         if host.is_some_and(|h| h.revoked_at.is_some()) {
@@ -119,16 +123,7 @@ impl AgentFacing {
     }
 
     async fn has_ha_member(&self, host_id: &str) -> bool {
-        let pool = self.node.store.pool();
-        let Ok(members) = query::all_members(pool).await else { return false };
-        for m in members.iter().filter(|m| m.host_id == host_id) {
-            if let Ok(Some(c)) = query::cluster(pool, &m.cluster_id).await {
-                if c.availability == "ha" {
-                    return true;
-                }
-            }
-        }
-        false
+        query::host_in_ha_cluster(self.node.store.pool(), host_id).await.unwrap_or(false)
     }
 }
 

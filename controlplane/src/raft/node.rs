@@ -72,7 +72,7 @@ pub struct RaftSettings {
 
 impl Default for RaftSettings {
     fn default() -> Self {
-        Self { heartbeat_ms: 100, election_min_ms: 300, election_max_ms: 600, snapshot_logs: 5000, keep_logs: 1000 }
+        Self { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800, snapshot_logs: 5000, keep_logs: 1000 }
     }
 }
 

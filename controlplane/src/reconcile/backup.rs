@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use steward_proto::v1::{BackupRequest, InstanceStatus};
 
 use super::Ctx;
-use crate::state::model::{cluster_state, db_state, host_state, member_role, op_kind, op_state, Backup, Operation};
+use crate::state::model::{cluster_state, host_state, member_role, op_kind, op_state, Backup, Operation};
 use crate::state::query::{self, BackupHistory};
 use crate::state::{Command, Response};
 
@@ -90,18 +90,22 @@ pub async fn schedule(ctx: &Ctx) -> Result<(), String> {
         return Ok(());
     }
     let pool = ctx.node.store.pool();
-    let history = query::backup_history(pool).await.map_err(|e| e.to_string())?;
+    // Three queries per pass whatever the number of clusters (thousands on a large fleet).
+    let history: std::collections::HashMap<String, BackupHistory> = query::backup_history(pool)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|h| (h.cluster_id.clone(), h))
+        .collect();
+    let retention_of = query::active_retention_by_cluster(pool).await.map_err(|e| e.to_string())?;
     let now = Utc::now();
     for cluster in query::clusters(pool).await.map_err(|e| e.to_string())? {
         if cluster.state != cluster_state::READY || !archiving(ctx, &cluster.primary_host, &cluster.id) {
             continue;
         }
-        let dbs = query::databases_in_cluster(pool, &cluster.id).await.map_err(|e| e.to_string())?;
-        let live: Vec<_> = dbs.iter().filter(|d| d.state == db_state::ACTIVE).collect();
-        let Some(retention) = live.iter().map(|d| d.backup_retention_days).max() else { continue };
+        let Some(&retention) = retention_of.get(&cluster.id) else { continue };
         let h = history
-            .iter()
-            .find(|h| h.cluster_id == cluster.id)
+            .get(&cluster.id)
             .cloned()
             .unwrap_or_else(|| BackupHistory { cluster_id: cluster.id.clone(), ..Default::default() });
         if let Some(kind) = due(&h, now, &policy) {
@@ -116,9 +120,7 @@ pub async fn schedule(ctx: &Ctx) -> Result<(), String> {
 
 /// Whether the primary's agent reports WAL archiving on (a backup without it is useless).
 fn archiving(ctx: &Ctx, host_id: &str, cluster_id: &str) -> bool {
-    ctx.liveness
-        .get(host_id)
-        .is_some_and(|s| s.instances.iter().any(|i| i.cluster_id == cluster_id && i.running && i.archiving))
+    ctx.liveness.instance(host_id, cluster_id).1.is_some_and(|i| i.running && i.archiving)
 }
 
 /// Records a new backup operation; returns its id. `Conflict` if one of the cluster runs.

@@ -69,14 +69,12 @@ pub fn safe_to_promote(fenced_reported: bool, lease_until: Option<Instant>, now:
 /// Checks every ready HA cluster and fails over those whose primary failed.
 pub async fn check(ctx: &Ctx, leader_since: Instant) -> anyhow::Result<()> {
     let pool = ctx.node.store.pool();
-    for cluster in query::clusters(pool).await? {
-        if cluster.availability != "ha" || cluster.state != cluster_state::READY || ctx.is_busy(&cluster.id) {
+    for cluster in query::ha_clusters_in_state(pool, cluster_state::READY).await? {
+        if ctx.is_busy(&cluster.id) {
             continue;
         }
-        let seen = ctx.liveness.get(&cluster.primary_host);
-        let status = seen.as_ref().and_then(|s| s.instances.iter().find(|i| i.cluster_id == cluster.id).cloned());
+        let (last, status) = ctx.liveness.instance(&cluster.primary_host, &cluster.id);
         let now = Instant::now();
-        let last = seen.as_ref().map(|s| s.at);
         let fresh = last.is_some_and(|l| now.saturating_duration_since(l) <= SILENCE);
         if fresh
             && status

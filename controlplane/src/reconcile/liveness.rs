@@ -44,6 +44,16 @@ impl Liveness {
         self.leases.lock().ok().and_then(|l| l.get(cluster_id).copied())
     }
 
+    /// When the host last heartbeat and what it said of one cluster's instance, without copying
+    /// the rest of its report (the failover check asks this for every HA cluster).
+    pub fn instance(&self, host_id: &str, cluster_id: &str) -> (Option<Instant>, Option<InstanceStatus>) {
+        let Ok(h) = self.hosts.lock() else { return (None, None) };
+        match h.get(host_id) {
+            Some(seen) => (Some(seen.at), seen.instances.iter().find(|i| i.cluster_id == cluster_id).cloned()),
+            None => (None, None),
+        }
+    }
+
     /// The last heartbeat of a host, if any arrived since this node started.
     pub fn get(&self, host_id: &str) -> Option<Seen> {
         self.hosts.lock().ok().and_then(|h| h.get(host_id).cloned())

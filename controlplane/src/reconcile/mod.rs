@@ -145,78 +145,96 @@ pub async fn run(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = ctx.node.stats.applied.notified() => {}
-        }
+        // The tick runs every check; an applied entry only starts the operations it created (at
+        // thousands of databases the checks read every host and HA cluster, too much to repeat
+        // for every write).
+        let full_pass = tokio::select! {
+            _ = tick.tick() => true,
+            _ = ctx.node.stats.applied.notified() => false,
+        };
         if !ctx.node.is_leader() {
             leader_since = None;
             continue;
         }
         let since = *leader_since.get_or_insert_with(Instant::now);
-        if let Err(e) = hosts::mark_overdue(&ctx, since).await {
-            tracing::warn!(error = %e, "host liveness check failed");
+        if !full_pass {
+            // Let a burst of writes settle so that one pass picks up all their operations.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        } else {
+            checks(&ctx, since).await;
         }
-        if let Err(e) = failover::check(&ctx, since).await {
-            tracing::warn!(error = %e, "failover check failed");
+        start_operations(&ctx).await;
+    }
+}
+
+/// Host liveness, failover, rejoin, backup schedule, archive purge and drain passes.
+async fn checks(ctx: &Arc<Ctx>, since: Instant) {
+    if let Err(e) = hosts::mark_overdue(ctx, since).await {
+        tracing::warn!(error = %e, "host liveness check failed");
+    }
+    if let Err(e) = failover::check(ctx, since).await {
+        tracing::warn!(error = %e, "failover check failed");
+    }
+    if ctx.rejoin_idle() {
+        let c = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = rejoin::check(&c).await {
+                tracing::warn!(error = %e, "rejoin check failed");
+            }
+            c.rejoin_done();
+        });
+    }
+    // A new leader first lets agents heartbeat (the scheduler needs their archiving state).
+    if since.elapsed() > ctx.down_after && ctx.backup_check_due() {
+        if let Err(e) = backup::schedule(ctx).await {
+            tracing::warn!(error = %e, "backup scheduling failed");
         }
-        if ctx.rejoin_idle() {
+        if let Err(e) = archive::purge(ctx, ctx.archive_grace).await {
+            tracing::warn!(error = %e, "removing archives of deleted databases failed");
+        }
+        // A drain pass asks agents (the move's preflight): never in the way of failover.
+        if !ctx.draining.swap(true, std::sync::atomic::Ordering::AcqRel) {
             let c = ctx.clone();
             tokio::spawn(async move {
-                if let Err(e) = rejoin::check(&c).await {
-                    tracing::warn!(error = %e, "rejoin check failed");
+                if let Err(e) = drain::check(&c).await {
+                    tracing::warn!(error = %e, "draining hosts failed");
                 }
-                c.rejoin_done();
+                c.draining.store(false, std::sync::atomic::Ordering::Release);
             });
         }
-        // A new leader first lets agents heartbeat (the scheduler needs their archiving state).
-        if since.elapsed() > ctx.down_after && ctx.backup_check_due() {
-            if let Err(e) = backup::schedule(&ctx).await {
-                tracing::warn!(error = %e, "backup scheduling failed");
+    }
+}
+
+/// Starts a driver for every running operation that has none on this node.
+async fn start_operations(ctx: &Arc<Ctx>) {
+    match query::running_operations(ctx.node.store.pool()).await {
+        Ok(ops) => {
+            // A node that restarts with its own old vote leads for a moment before it hears of
+            // the newer term: only a leadership a quorum confirms starts operation drivers.
+            let fresh_ops = ops.iter().any(|op| ctx.in_flight.lock().map(|s| !s.contains(&op.id)).unwrap_or(false));
+            if fresh_ops && ctx.node.linearizable_read().await.is_err() {
+                return;
             }
-            if let Err(e) = archive::purge(&ctx, ctx.archive_grace).await {
-                tracing::warn!(error = %e, "removing archives of deleted databases failed");
-            }
-            // A drain pass asks agents (the move's preflight): never in the way of failover.
-            if !ctx.draining.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                let c = ctx.clone();
+            for op in ops {
+                let fresh = ctx.in_flight.lock().map(|mut s| s.insert(op.id.clone())).unwrap_or(false);
+                if !fresh {
+                    continue;
+                }
+                let ctx2 = ctx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = drain::check(&c).await {
-                        tracing::warn!(error = %e, "draining hosts failed");
+                    let id = op.id.clone();
+                    match op.kind.as_str() {
+                        op_kind::BACKUP => backup::run(&ctx2, op).await,
+                        op_kind::ARCHIVE => archive::run(&ctx2, op).await,
+                        op_kind::MOVE => moves::run(&ctx2, op).await,
+                        _ => provision::run(&ctx2, op).await,
                     }
-                    c.draining.store(false, std::sync::atomic::Ordering::Release);
+                    if let Ok(mut s) = ctx2.in_flight.lock() {
+                        s.remove(&id);
+                    }
                 });
             }
         }
-        match query::running_operations(ctx.node.store.pool()).await {
-            Ok(ops) => {
-                // A node that restarts with its own old vote leads for a moment before it hears of
-                // the newer term: only a leadership a quorum confirms starts operation drivers.
-                let fresh_ops = ops.iter().any(|op| ctx.in_flight.lock().map(|s| !s.contains(&op.id)).unwrap_or(false));
-                if fresh_ops && ctx.node.linearizable_read().await.is_err() {
-                    continue;
-                }
-                for op in ops {
-                    let fresh = ctx.in_flight.lock().map(|mut s| s.insert(op.id.clone())).unwrap_or(false);
-                    if !fresh {
-                        continue;
-                    }
-                    let ctx2 = ctx.clone();
-                    tokio::spawn(async move {
-                        let id = op.id.clone();
-                        match op.kind.as_str() {
-                            op_kind::BACKUP => backup::run(&ctx2, op).await,
-                            op_kind::ARCHIVE => archive::run(&ctx2, op).await,
-                            op_kind::MOVE => moves::run(&ctx2, op).await,
-                            _ => provision::run(&ctx2, op).await,
-                        }
-                        if let Ok(mut s) = ctx2.in_flight.lock() {
-                            s.remove(&id);
-                        }
-                    });
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "listing running operations failed"),
-        }
+        Err(e) => tracing::warn!(error = %e, "listing running operations failed"),
     }
 }

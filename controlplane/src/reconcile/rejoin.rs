@@ -16,21 +16,20 @@ use crate::state::{query, Command};
 /// Rejoins every failed member whose host is back and repoints stale standbys.
 pub async fn check(ctx: &Ctx) -> anyhow::Result<()> {
     let pool = ctx.node.store.pool();
-    for cluster in query::clusters(pool).await? {
-        if cluster.availability != "ha" || cluster.state != cluster_state::READY {
-            continue;
-        }
+    let clusters = query::ha_clusters_in_state(pool, cluster_state::READY).await?;
+    // Read once per pass, not per cluster: thousands of clusters share a few hundred hosts.
+    let hosts = if clusters.is_empty() { Vec::new() } else { query::hosts(pool).await? };
+    for cluster in clusters {
         // The primary must be serving at the current epoch before anyone follows it.
-        let primary_ok = ctx.liveness.get(&cluster.primary_host).is_some_and(|s| {
-            s.instances
-                .iter()
-                .any(|i| i.cluster_id == cluster.id && i.running && !i.in_recovery && i.epoch == cluster.epoch as u64)
-        });
+        let primary_ok = ctx
+            .liveness
+            .instance(&cluster.primary_host, &cluster.id)
+            .1
+            .is_some_and(|i| i.running && !i.in_recovery && i.epoch == cluster.epoch as u64);
         if !primary_ok {
             continue;
         }
         let members = query::members(pool, &cluster.id).await?;
-        let hosts = query::hosts(pool).await?;
         let fresh = |host_id: &str| {
             ctx.liveness.get(host_id).filter(|s| Instant::now().saturating_duration_since(s.at) <= SILENCE)
         };

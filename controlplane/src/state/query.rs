@@ -100,6 +100,34 @@ pub async fn clusters(pool: &SqlitePool) -> Result<Vec<Cluster>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM clusters ORDER BY id").fetch_all(pool).await
 }
 
+/// HA clusters in `state` (what the failover check watches), without scanning single-instance ones.
+pub async fn ha_clusters_in_state(pool: &SqlitePool, state: &str) -> Result<Vec<Cluster>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM clusters WHERE availability = 'ha' AND state = ? ORDER BY id")
+        .bind(state)
+        .fetch_all(pool)
+        .await
+}
+
+/// HA clusters whose recorded primary is `host_id` (the leases a heartbeat may renew).
+pub async fn ha_clusters_led_by(pool: &SqlitePool, host_id: &str) -> Result<Vec<Cluster>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM clusters WHERE primary_host = ? AND availability = 'ha'")
+        .bind(host_id)
+        .fetch_all(pool)
+        .await
+}
+
+/// Whether `host_id` holds a member of any HA cluster (it then heartbeats faster).
+pub async fn host_in_ha_cluster(pool: &SqlitePool, host_id: &str) -> Result<bool, sqlx::Error> {
+    let row: Option<(i64,)> = sqlx::query_as(
+        "SELECT 1 FROM cluster_members m JOIN clusters c ON c.id = m.cluster_id
+         WHERE m.host_id = ? AND c.availability = 'ha' LIMIT 1",
+    )
+    .bind(host_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.is_some())
+}
+
 pub async fn cluster(pool: &SqlitePool, id: &str) -> Result<Option<Cluster>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM clusters WHERE id = ?").bind(id).fetch_optional(pool).await
 }
@@ -149,6 +177,19 @@ pub async fn backups(pool: &SqlitePool, cluster_id: Option<&str>, limit: i64) ->
 
 /// Per cluster, what the backup scheduler needs: when the last successful full and any
 /// successful backup were requested, when the last failure ended, and whether one runs.
+/// The longest backup retention among each cluster's active databases (clusters without one are
+/// absent): what the backup schedule keeps.
+pub async fn active_retention_by_cluster(
+    pool: &SqlitePool,
+) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT cluster_id, max(backup_retention_days) FROM databases WHERE state = 'active' GROUP BY cluster_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 pub async fn backup_history(pool: &SqlitePool) -> Result<Vec<BackupHistory>, sqlx::Error> {
     sqlx::query_as(
         "SELECT cluster_id,
