@@ -31,7 +31,8 @@ async fn concurrent_writes_share_entries_and_reads_see_them() -> Result<()> {
         ensure!(s == 200, "/metrics: {s}");
         let text = v.as_str().unwrap_or_default().to_string();
         let p = sample(&text, "steward_raft_proposals_total").context("no steward_raft_proposals_total")?;
-        let e = sample(&text, "steward_raft_proposal_entries_total").context("no steward_raft_proposal_entries_total")?;
+        let e =
+            sample(&text, "steward_raft_proposal_entries_total").context("no steward_raft_proposal_entries_total")?;
         Ok::<_, anyhow::Error>((p, e))
     };
     let (p0, e0) = metrics(rest.clone(), leader.url("/metrics"), admin.clone()).await?;

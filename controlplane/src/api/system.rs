@@ -11,7 +11,14 @@ use super::AppState;
 
 pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let leader = state.node.leader().map(|(id, _)| id);
-    Json(json!({"status": "ok", "node_id": state.node.id, "leader_id": leader}))
+    let m = state.node.raft.metrics().borrow().clone();
+    Json(json!({
+        "status": "ok",
+        "node_id": state.node.id,
+        "leader_id": leader,
+        "last_log_index": m.last_log_index.unwrap_or(0),
+        "last_applied": m.last_applied.map(|l| l.index).unwrap_or(0),
+    }))
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
