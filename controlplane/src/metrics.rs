@@ -234,8 +234,7 @@ async fn cluster_metrics(out: &mut String, pool: &sqlx::SqlitePool, liveness: &L
          # HELP steward_member_lag_bytes Replay lag behind the primary's WAL position.\n# TYPE steward_member_lag_bytes gauge"
     );
     for c in &clusters {
-        let observed =
-            |host: &str| liveness.get(host).and_then(|s| s.instances.into_iter().find(|i| i.cluster_id == c.id));
+        let observed = |host: &str| liveness.instance(host, &c.id).1;
         let primary_lsn = observed(&c.primary_host).map(|i| i.received_lsn).unwrap_or(0);
         let Ok(members) = query::members(pool, &c.id).await else { continue };
         for m in members {

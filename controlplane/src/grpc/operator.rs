@@ -244,9 +244,7 @@ impl Operator for OperatorService {
         let counts = query::database_counts(pool).await.map_err(internal)?;
         let mut clusters = Vec::new();
         for c in query::clusters(pool).await.map_err(internal)? {
-            let observed = |host: &str| {
-                self.liveness.get(host).and_then(|s| s.instances.into_iter().find(|i| i.cluster_id == c.id))
-            };
+            let observed = |host: &str| self.liveness.instance(host, &c.id).1;
             let primary_lsn = observed(&c.primary_host).map(|i| i.received_lsn).unwrap_or(0);
             let members = query::members(pool, &c.id)
                 .await

@@ -136,7 +136,7 @@ pub async fn purge(ctx: &Ctx, grace: Duration) -> Result<(), String> {
     let hosts = query::hosts(pool).await.map_err(|e| e.to_string())?;
     let host = hosts
         .iter()
-        .find(|h| h.state == host_state::ACTIVE && ctx.liveness.get(&h.id).is_some())
+        .find(|h| h.state == host_state::ACTIVE && ctx.liveness.last_seen(&h.id).is_some())
         .ok_or("no active host to remove archives through")?;
     let mut agent = ctx.agents.get(&host.agent_addr).await.map_err(|e| e.to_string())?;
     for db in due {

@@ -281,9 +281,7 @@ async fn attempt(
         .ok_or_else(|| Attempt::Abandon("cluster vanished".into()))?;
     let members = query::members(pool, &cluster.id).await.map_err(read)?;
     let hosts = query::hosts(pool).await.map_err(read)?;
-    let status = |host_id: &str| {
-        ctx.liveness.get(host_id).and_then(|s| s.instances.into_iter().find(|i| i.cluster_id == cluster.id))
-    };
+    let status = |host_id: &str| ctx.liveness.instance(host_id, &cluster.id).1;
     let active = |host_id: &str| hosts.iter().any(|h| h.id == host_id && h.state == host_state::ACTIVE);
     let primary_lsn = status(&cluster.primary_host).map(|s| s.received_lsn).unwrap_or(0);
     let candidates: Vec<_> = members

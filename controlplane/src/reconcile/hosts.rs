@@ -14,7 +14,7 @@ pub async fn mark_overdue(ctx: &Ctx, leader_since: Instant) -> anyhow::Result<()
         if host.state != host_state::ACTIVE {
             continue;
         }
-        let last = ctx.liveness.get(&host.id).map(|s| s.at);
+        let last = ctx.liveness.last_seen(&host.id);
         if is_overdue(last, leader_since, now, ctx.down_after) {
             tracing::warn!(host_id = %host.id, down_after_ms = ctx.down_after.as_millis() as u64, "host missed its heartbeats: marking down");
             ctx.node

@@ -54,6 +54,11 @@ impl Liveness {
         }
     }
 
+    /// When the host last heartbeat (since this node started), without copying its report.
+    pub fn last_seen(&self, host_id: &str) -> Option<Instant> {
+        self.hosts.lock().ok().and_then(|h| h.get(host_id).map(|s| s.at))
+    }
+
     /// The last heartbeat of a host, if any arrived since this node started.
     pub fn get(&self, host_id: &str) -> Option<Seen> {
         self.hosts.lock().ok().and_then(|h| h.get(host_id).cloned())
