@@ -34,11 +34,12 @@
 //!    heartbeat latency p50/p99 and failures, node CPU and RSS, and the Raft log entries the
 //!    leader appended meanwhile (last log index before and after from the operator API's
 //!    RaftStatus): heartbeats must not be Raft writes;
-//! 4. dead-host detection: one agent stops heartbeating; time until the leader's ListHosts
-//!    (polled every ~50 ms, one call at a time) shows it `down`, against the nodes'
-//!    `--host-down-after-ms` (default 5000); then the time until it is `active` again once it
-//!    heartbeats again;
-//! 5. snapshot: bytes of `snapshot.db`, `state.db` and `raft-log.db` in each node's data dir;
+//! 4. dead-host detection: one agent stops heartbeating; time until the leader logs that it
+//!    marks the host down, and until its ListHosts (polled every ~50 ms, one call at a time)
+//!    shows it `down`, against the nodes' `--host-down-after-ms` (default 5000); then the time
+//!    until it is `active` again once it heartbeats again;
+//! 5. snapshot: bytes of `snapshot.db`, `state.db` and `raft-log.db` (with their `-wal` files)
+//!    in each node's data dir;
 //!    a fresh 4th node joins (join token, AddNode, as tests/tests/raft_failover.rs does) and is
 //!    timed until its applied index reaches the leader's last log index, with the snapshots it
 //!    installed (and their size, from its log); it is then removed;
@@ -894,7 +895,7 @@ mod fleet {
         }
     }
 
-    /// Bytes of the files called `name` under `dir`.
+    /// Bytes of the SQLite database `name` under `dir`, with its `-wal` and `-shm` files.
     fn file_bytes(dir: &Path, name: &str) -> u64 {
         let mut total = 0;
         let mut stack = vec![dir.to_path_buf()];
@@ -902,12 +903,29 @@ mod fleet {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
                 match e.metadata() {
                     Ok(m) if m.is_dir() => stack.push(e.path()),
-                    Ok(m) if e.file_name() == name => total += m.len(),
+                    Ok(m)
+                        if e.file_name().to_str().is_some_and(|f| {
+                            f.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+                        }) =>
+                    {
+                        total += m.len()
+                    }
                     _ => {}
                 }
             }
         }
         total
+    }
+
+    /// How long after `since` the node log `log` says `host_id` was marked down.
+    fn marked_down_at(log: &Path, host_id: &str, since: chrono::DateTime<chrono::Utc>) -> Option<chrono::Duration> {
+        let text = std::fs::read_to_string(log).ok()?;
+        let needle = format!("host_id={host_id} ");
+        text.lines().filter(|l| l.contains("marking down") && l.contains(&needle)).find_map(|l| {
+            let at =
+                chrono::DateTime::parse_from_rfc3339(l.split_whitespace().next()?).ok()?.with_timezone(&chrono::Utc);
+            (at >= since).then(|| at - since)
+        })
     }
 
     /// Polls `url` (a `/healthz`) every 20 ms until it answers 200.
@@ -1130,16 +1148,27 @@ mod fleet {
         let last_answered = *lock(&agents.last_ok[victim]);
         agents.stop(victim);
         let stopped = Instant::now();
+        let stopped_wall = chrono::Utc::now();
         let deadline = Duration::from_millis(cfg.down_after_ms) + Duration::from_secs(60);
         let (down_at, calls, mean_call) = wait_host_state(&mut lop, token, &host_id, "down", deadline).await?;
+        // The leader's own record of the decision, free of the polling delay.
+        let (leader_id, _) = leader_log(nodes, token).await?;
+        let logged = nodes
+            .iter()
+            .find(|n| n.id == leader_id)
+            .and_then(|n| marked_down_at(&n.dir.with_extension("log"), &host_id, stopped_wall));
         agents.spawn(victim, Duration::ZERO, true);
         let resumed = Instant::now();
         let (back_at, _, _) = wait_host_state(&mut lop, token, &host_id, "active", Duration::from_secs(60)).await?;
         out.push(format!(
-            "dead host: {host_id} stopped heartbeating; the leader listed it down {} ms later ({} after its last \
-             answered heartbeat; threshold --host-down-after-ms {}); ListHosts polled {calls} times, one call at a \
-             time, at most every 50 ms (mean call {mean_call:.0} ms, so the figure is late by up to that); listed \
-             active again {} ms after its heartbeats resumed",
+            "dead host: {host_id} stopped heartbeating; the leader logged \"marking down\" {} after the stop; \
+             ListHosts listed it down {} ms after the stop ({} after its last answered heartbeat; threshold \
+             --host-down-after-ms {}); ListHosts polled {calls} times, one call at a time, at most every 50 ms (mean \
+             call {mean_call:.0} ms, so that figure is late by up to that); listed active again {} ms after its \
+             heartbeats resumed",
+            logged
+                .map(|d| format!("{} ms", d.num_milliseconds()))
+                .unwrap_or_else(|| "(not found in the leader's log)".into()),
             ms(down_at - stopped),
             last_answered.map(|l| format!("{} ms", ms(down_at - l))).unwrap_or_else(|| "n/a".into()),
             cfg.down_after_ms,
@@ -1149,12 +1178,24 @@ mod fleet {
         // 5. Snapshot size and install on a new node.
         let ls = raft_status(&mut lop, token).await?;
         out.push(format!(
-            "Raft log on the leader (node {}): snapshot at index {}, first log index {}, last log index {}",
-            ls.node_id, ls.snapshot_index, ls.first_log_index, ls.last_log_index
+            "Raft log on the leader (node {}): snapshot at index {}, first log index {}, last log index {}{}",
+            ls.node_id,
+            ls.snapshot_index,
+            ls.first_log_index,
+            ls.last_log_index,
+            if ls.snapshot_index == 0 {
+                "; NO SNAPSHOT has been built (fewer entries than the nodes' --snapshot-logs): the sizes below have \
+                 no snapshot.db and the new node replays the log; pass a smaller --snapshot-logs"
+            } else if ls.snapshot_index < m1.last_log {
+                "; the snapshot predates the last creates"
+            } else {
+                ""
+            }
         ));
         for node in nodes.iter() {
             out.push(format!(
-                "storage of node {}: snapshot.db {:.1} MiB, state.db {:.1} MiB, raft-log.db {:.1} MiB ({} / {} / {} bytes)",
+                "storage of node {}: snapshot.db {:.1} MiB, state.db {:.1} MiB, raft-log.db {:.1} MiB ({} / {} / {} bytes, \
+                 -wal and -shm files included)",
                 node.id,
                 mib(file_bytes(&node.dir, "snapshot.db")),
                 mib(file_bytes(&node.dir, "state.db")),
@@ -1201,7 +1242,7 @@ mod fleet {
         out.push(format!(
             "snapshot install: a 4th node (join token, AddNode) reached the leader's last log index {target} {} ms \
              after AddNode was called (AddNode, which waits for the learner to catch up, returned after {} ms); \
-             snapshots installed: {}{}; its state.db {:.1} MiB",
+             snapshots installed: {}{} (0: it caught up by replaying the log); its state.db {:.1} MiB",
             ms(caught_at - t0),
             ms(added),
             s4.snapshots_installed,
