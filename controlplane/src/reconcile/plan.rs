@@ -36,33 +36,37 @@ pub struct Avoid {
     pub clusters: Vec<String>,
 }
 
-/// Gathers placement candidates from the local replica.
+/// Gathers placement candidates from the local replica. Runs for every new database, so it reads
+/// per-host aggregates (SQLite does the scanning) instead of every cluster, member and database.
 async fn candidates(pool: &SqlitePool, avoid: &Avoid) -> Result<(Vec<Candidate>, Vec<Host>), sqlx::Error> {
+    use std::collections::HashMap;
     let hosts = query::hosts(pool).await?;
-    let clusters = query::clusters(pool).await?;
-    let members = query::all_members(pool).await?;
-    let counts = query::database_counts(pool).await?;
-    let count_of =
-        |cluster_id: &str| counts.iter().find(|(id, _)| id == cluster_id).map(|(_, n)| *n as u64).unwrap_or(0);
+    let mut ports: HashMap<String, Vec<u16>> = HashMap::new();
+    for (host, port) in query::member_ports(pool).await? {
+        if let Ok(p) = u16::try_from(port) {
+            ports.entry(host).or_default().push(p);
+        }
+    }
+    let databases: HashMap<String, i64> = query::database_counts_by_host(pool).await?.into_iter().collect();
+    let mut singles: HashMap<String, String> = HashMap::new();
+    for (host, cluster) in query::single_clusters(pool).await? {
+        singles.entry(host).or_insert(cluster);
+    }
     let candidates = hosts
         .iter()
         .filter(|h| !avoid.hosts.contains(&h.id))
-        .map(|h| {
-            let mine: Vec<&Member> = members.iter().filter(|m| m.host_id == h.id).collect();
-            let single = clusters.iter().find(|c| c.availability == "single" && c.primary_host == h.id);
-            Candidate {
-                host_id: h.id.clone(),
-                // A host without PostgreSQL binaries (pg_major 0) cannot take databases, nor can
-                // one that is down or being drained.
-                active: h.accepts_databases() && h.pg_major > 0,
-                zone: h.zone.clone(),
-                memory_budget_bytes: h.memory_budget_bytes as u64,
-                disk_free_bytes: h.disk_free_bytes as u64,
-                base_port: u16::try_from(h.pg_port).unwrap_or(5432),
-                used_ports: mine.iter().filter_map(|m| u16::try_from(m.port).ok()).collect(),
-                cluster_id: single.map(|c| c.id.clone()),
-                databases: mine.iter().map(|m| count_of(&m.cluster_id)).sum(),
-            }
+        .map(|h| Candidate {
+            host_id: h.id.clone(),
+            // A host without PostgreSQL binaries (pg_major 0) cannot take databases, nor can
+            // one that is down or being drained.
+            active: h.accepts_databases() && h.pg_major > 0,
+            zone: h.zone.clone(),
+            memory_budget_bytes: h.memory_budget_bytes as u64,
+            disk_free_bytes: h.disk_free_bytes as u64,
+            base_port: u16::try_from(h.pg_port).unwrap_or(5432),
+            used_ports: ports.get(&h.id).cloned().unwrap_or_default(),
+            cluster_id: singles.get(&h.id).cloned(),
+            databases: databases.get(&h.id).copied().unwrap_or(0).max(0) as u64,
         })
         .collect();
     Ok((candidates, hosts))

@@ -133,6 +133,28 @@ pub async fn cluster(pool: &SqlitePool, id: &str) -> Result<Option<Cluster>, sql
 }
 
 /// Number of live databases per cluster, for placement.
+/// `(host, port)` of every cluster member: the ports a new instance must avoid.
+pub async fn member_ports(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT host_id, port FROM cluster_members ORDER BY host_id, cluster_id").fetch_all(pool).await
+}
+
+/// Live databases per host, counting every cluster the host holds a member of (placement's fill).
+pub async fn database_counts_by_host(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT m.host_id, COUNT(*) FROM databases d JOIN cluster_members m ON m.cluster_id = d.cluster_id
+         WHERE d.state <> 'deleted' GROUP BY m.host_id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// `(host, cluster)` of every `single` cluster, by cluster id.
+pub async fn single_clusters(pool: &SqlitePool) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT primary_host, id FROM clusters WHERE availability = 'single' ORDER BY id")
+        .fetch_all(pool)
+        .await
+}
+
 pub async fn database_counts(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as("SELECT cluster_id, COUNT(*) FROM databases WHERE state <> 'deleted' GROUP BY cluster_id")
         .fetch_all(pool)
