@@ -1242,11 +1242,15 @@ mod fleet {
         out.push(format!(
             "snapshot install: a 4th node (join token, AddNode) reached the leader's last log index {target} {} ms \
              after AddNode was called (AddNode, which waits for the learner to catch up, returned after {} ms); \
-             snapshots installed: {}{} (0: it caught up by replaying the log); its state.db {:.1} MiB",
+             snapshots installed: {}{}; its state.db {:.1} MiB",
             ms(caught_at - t0),
             ms(added),
             s4.snapshots_installed,
-            if installs.is_empty() { String::new() } else { format!(" (bytes per its log: {})", installs.join(", ")) },
+            if installs.is_empty() {
+                " (it caught up by replaying the log)".to_string()
+            } else {
+                format!(" (bytes per its log: {})", installs.join(", "))
+            },
             mib(file_bytes(&n4.dir, "state.db")),
         ));
         let mut r = op_req(token, RemoveNodeRequest { id: 4 });
