@@ -132,7 +132,7 @@ pub(super) async fn ensure_cluster(
     let pool = ctx.node.store.pool();
     let read = |e: sqlx::Error| StepError::Retry(format!("reading state: {e}"));
     let members = query::members(pool, &cluster.id).await.map_err(read)?;
-    let hosts = query::hosts(pool).await.map_err(read)?;
+    let hosts = query::member_hosts(pool, &cluster.id).await.map_err(read)?;
     let primary = members
         .iter()
         .find(|m| m.host_id == cluster.primary_host)
@@ -204,7 +204,7 @@ async fn attempt(ctx: &Ctx, op: &Operation, attempts: i64) -> Result<(), StepErr
         .map_err(read)?
         .ok_or_else(|| StepError::Abandon("cluster vanished".into()))?;
     ensure_cluster(ctx, op, attempts, &cluster).await?;
-    let hosts = query::hosts(pool).await.map_err(read)?;
+    let hosts = query::member_hosts(pool, &cluster.id).await.map_err(read)?;
 
     step(ctx, op, attempts, "ensure_database").await?;
     let host = hosts

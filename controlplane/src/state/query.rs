@@ -92,6 +92,17 @@ pub async fn hosts(pool: &SqlitePool) -> Result<Vec<Host>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM hosts ORDER BY id").fetch_all(pool).await
 }
 
+/// The hosts of a cluster's members (one row each), for the operations that talk to them:
+/// reading every host per operation does not scale to a large fleet.
+pub async fn member_hosts(pool: &SqlitePool, cluster_id: &str) -> Result<Vec<Host>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT h.* FROM hosts h WHERE h.id IN (SELECT host_id FROM cluster_members WHERE cluster_id = ?) ORDER BY h.id",
+    )
+    .bind(cluster_id)
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn host(pool: &SqlitePool, id: &str) -> Result<Option<Host>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM hosts WHERE id = ?").bind(id).fetch_optional(pool).await
 }
