@@ -57,14 +57,19 @@ pub fn chown_postgres(path: &Path) -> Result<()> {
 
 /// Bytes of the files under `dir`.
 pub fn dir_bytes(dir: &Path) -> u64 {
+    dir_bytes_where(dir, |_| true)
+}
+
+/// Bytes of the files under `dir` (recursively) whose name `keep` accepts.
+pub fn dir_bytes_where(dir: &Path, keep: impl Fn(&str) -> bool) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             match e.metadata() {
                 Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
+                Ok(m) if keep(&e.file_name().to_string_lossy()) => total += m.len(),
+                _ => {}
             }
         }
     }

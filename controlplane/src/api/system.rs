@@ -11,13 +11,17 @@ use super::AppState;
 
 pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let leader = state.node.leader().map(|(id, _)| id);
-    let m = state.node.raft.metrics().borrow().clone();
+    let (last_log_index, last_applied) = {
+        let m = state.node.raft.metrics();
+        let m = m.borrow();
+        (m.last_log_index.unwrap_or(0), m.last_applied.map(|l| l.index).unwrap_or(0))
+    };
     Json(json!({
         "status": "ok",
         "node_id": state.node.id,
         "leader_id": leader,
-        "last_log_index": m.last_log_index.unwrap_or(0),
-        "last_applied": m.last_applied.map(|l| l.index).unwrap_or(0),
+        "last_log_index": last_log_index,
+        "last_applied": last_applied,
     }))
 }
 

@@ -69,39 +69,59 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
+    use tokio::sync::Semaphore;
 
-    /// Many concurrent callers share few rounds, and each caller's round started after it
-    /// arrived (its result is a round number at least as high as the rounds started before it).
-    #[tokio::test]
-    async fn callers_share_rounds_started_after_them() {
-        let c: Arc<Coalescer<u64>> = Arc::new(Coalescer::default());
-        let started = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let (c, started) = (c.clone(), started.clone());
-            tasks.push(tokio::spawn(async move {
-                let seen_before = started.load(Ordering::SeqCst);
-                let round_started = started.clone();
-                let got = c
-                    .join(move || {
-                        let started = round_started.clone();
-                        Box::pin(async move {
-                            let n = started.fetch_add(1, Ordering::SeqCst) + 1;
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            n
-                        })
-                    })
-                    .await;
-                (seen_before, got)
-            }));
+    /// Polls `cond` until it holds (bounded: 10 s).
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        for t in tasks {
-            let (before, got) = t.await.unwrap();
-            let got = got.unwrap();
-            assert!(got > before, "answered by round {got}, but {before} rounds had started before the call");
+    }
+
+    /// A caller's answer, bounded: a caller left without a round would otherwise hang the test.
+    async fn answer(t: tokio::task::JoinHandle<Option<u64>>) -> Option<u64> {
+        tokio::time::timeout(Duration::from_secs(10), t).await.expect("the caller got no answer in 10 s").unwrap()
+    }
+
+    /// Callers that arrive while a round runs do not get its result: they all share the next
+    /// round, which starts only after the running one ends. 50 callers, exactly 2 rounds.
+    #[tokio::test]
+    async fn callers_share_the_round_after_the_running_one() {
+        let c: Arc<Coalescer<u64>> = Arc::new(Coalescer::default());
+        let started = Arc::new(AtomicU64::new(0));
+        // Each round takes one permit before it answers: the test decides when rounds end.
+        let gate = Arc::new(Semaphore::new(0));
+        let call = |c: Arc<Coalescer<u64>>| {
+            let (started, gate) = (started.clone(), gate.clone());
+            tokio::spawn(async move {
+                c.join(move || {
+                    let (started, gate) = (started.clone(), gate.clone());
+                    Box::pin(async move {
+                        let n = started.fetch_add(1, Ordering::SeqCst) + 1;
+                        if let Ok(p) = gate.acquire().await {
+                            p.forget();
+                        }
+                        n
+                    })
+                })
+                .await
+            })
+        };
+        let first = call(c.clone());
+        until("the first round to start", || started.load(Ordering::SeqCst) == 1).await;
+        let later: Vec<_> = (0..49).map(|_| call(c.clone())).collect();
+        until("49 callers to queue", || c.rounds.lock().map(|r| r.waiters.len() == 49).unwrap_or(false)).await;
+        gate.add_permits(2);
+        assert_eq!(answer(first).await, Some(1));
+        for t in later {
+            assert_eq!(answer(t).await, Some(2), "a caller that arrived during round 1 got an older round");
         }
-        let rounds = started.load(Ordering::SeqCst);
-        assert!(rounds < 25, "50 callers over ~50 ms should share rounds, got {rounds}");
+        assert_eq!(started.load(Ordering::SeqCst), 2, "50 callers should have shared 2 rounds");
+        // Rounds stop when nobody waits, and a new caller starts a fresh one.
+        until("the round task to stop", || c.rounds.lock().map(|r| !r.running).unwrap_or(false)).await;
+        gate.add_permits(1);
+        assert_eq!(answer(call(c.clone())).await, Some(3));
     }
 }

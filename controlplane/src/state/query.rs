@@ -188,11 +188,6 @@ pub async fn members(pool: &SqlitePool, cluster_id: &str) -> Result<Vec<Member>,
     .await
 }
 
-/// Every member of every cluster (placement and port allocation).
-pub async fn all_members(pool: &SqlitePool) -> Result<Vec<Member>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM cluster_members ORDER BY cluster_id, host_id").fetch_all(pool).await
-}
-
 pub async fn backup(pool: &SqlitePool, operation_id: &str) -> Result<Option<Backup>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM backups WHERE operation_id = ?").bind(operation_id).fetch_optional(pool).await
 }

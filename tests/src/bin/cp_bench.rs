@@ -399,15 +399,11 @@ async fn main() -> Result<()> {
             deadline: Duration::from_secs(args.deadline_secs),
             down_after_ms: args.host_down_after_ms.unwrap_or(5000),
         };
-        let result = fleet::run(&cfg, &mut nodes, scratch.path(), &token_file, &token, &extra).await;
-        fleet_report = match result {
-            Ok(lines) => lines,
-            Err((lines, e)) => {
-                let mut lines = lines;
-                lines.push(format!("FLEET PHASE FAILED: {e:#}"));
-                lines
-            }
-        };
+        if let Err(e) =
+            fleet::phases(&cfg, &mut nodes, scratch.path(), &token_file, &token, &extra, &mut fleet_report).await
+        {
+            fleet_report.push(format!("FLEET PHASE FAILED: {e:#}"));
+        }
     } else if args.agents > 0 {
         eprintln!("phase: {} agents at 1 Hz", args.agents);
         let li = leader_index(&rest, &nodes).await?;
@@ -921,24 +917,9 @@ mod fleet {
 
     /// Bytes of the SQLite database `name` under `dir`, with its `-wal` and `-shm` files.
     fn file_bytes(dir: &Path, name: &str) -> u64 {
-        let mut total = 0;
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                match e.metadata() {
-                    Ok(m) if m.is_dir() => stack.push(e.path()),
-                    Ok(m)
-                        if e.file_name().to_str().is_some_and(|f| {
-                            f.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
-                        }) =>
-                    {
-                        total += m.len()
-                    }
-                    _ => {}
-                }
-            }
-        }
-        total
+        steward_tests::benchkit::dir_bytes_where(dir, |f| {
+            f.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+        })
     }
 
     /// How long after `since` the node log `log` says `host_id` was marked down.
@@ -988,23 +969,9 @@ mod fleet {
         }
     }
 
-    /// Runs the fleet phases; on failure returns what was measured so far with the error.
-    pub async fn run(
-        cfg: &Config,
-        nodes: &mut [Node],
-        root: &Path,
-        token_file: &Path,
-        token: &str,
-        extra: &[&str],
-    ) -> Result<Vec<String>, (Vec<String>, anyhow::Error)> {
-        let mut out = Vec::new();
-        match phases(cfg, nodes, root, token_file, token, extra, &mut out).await {
-            Ok(()) => Ok(out),
-            Err(e) => Err((out, e)),
-        }
-    }
-
-    async fn phases(
+    /// Runs the fleet phases, appending each result line to `out` as it is measured (so a failure
+    /// keeps what was measured before it).
+    pub async fn phases(
         cfg: &Config,
         nodes: &mut [Node],
         root: &Path,
@@ -1217,16 +1184,14 @@ mod fleet {
             }
         ));
         for node in nodes.iter() {
+            let [snap, state, log] = ["snapshot.db", "state.db", "raft-log.db"].map(|f| file_bytes(&node.dir, f));
             out.push(format!(
-                "storage of node {}: snapshot.db {:.1} MiB, state.db {:.1} MiB, raft-log.db {:.1} MiB ({} / {} / {} bytes, \
-                 -wal and -shm files included)",
+                "storage of node {}: snapshot.db {:.1} MiB, state.db {:.1} MiB, raft-log.db {:.1} MiB ({snap} / {state} / \
+                 {log} bytes, -wal and -shm files included)",
                 node.id,
-                mib(file_bytes(&node.dir, "snapshot.db")),
-                mib(file_bytes(&node.dir, "state.db")),
-                mib(file_bytes(&node.dir, "raft-log.db")),
-                file_bytes(&node.dir, "snapshot.db"),
-                file_bytes(&node.dir, "state.db"),
-                file_bytes(&node.dir, "raft-log.db"),
+                mib(snap),
+                mib(state),
+                mib(log),
             ));
         }
         eprintln!("phase: a 4th node joins and catches up");
