@@ -85,6 +85,13 @@ pub struct Proc {
     child: Option<Child>,
 }
 
+/// The log filter of spawned processes: `STEWARD_TEST_RUST_LOG` when set (to look closer while
+/// debugging a test or a benchmark), else info without the libraries' chatter.
+fn node_log_filter() -> String {
+    std::env::var("STEWARD_TEST_RUST_LOG")
+        .unwrap_or_else(|_| "info,openraft=info,sqlx=warn,h2=warn,tower=warn,hyper=warn".to_string())
+}
+
 impl Proc {
     /// Spawns `program args`, logging to `log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Self> {
@@ -92,7 +99,7 @@ impl Proc {
         let err = out.try_clone()?;
         let child = Command::new(program)
             .args(args)
-            .env("RUST_LOG", "info,openraft=info,sqlx=warn,h2=warn,tower=warn,hyper=warn")
+            .env("RUST_LOG", node_log_filter())
             .env_remove("STEWARD_ADMIN_TOKEN")
             .stdin(Stdio::null())
             .stdout(out)

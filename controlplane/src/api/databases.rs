@@ -137,7 +137,7 @@ pub async fn create(
             )));
         }
     }
-    let planned = plan::plan_placement(pool, &valid.availability, &plan::Avoid::default()).await?;
+    let planned = plan::plan_placement(pool, &state.ctx.placing, &valid.availability, &plan::Avoid::default()).await?;
     let actor = who.actor();
     let new = NewRecord { owner, valid, kind: op_kind::PROVISION, restore_of: None };
     submit(&state, planned, new, idempotency_key, actor).await
@@ -274,7 +274,7 @@ pub async fn restore(
         availability: source.availability.clone(),
         backup_retention_days: source.backup_retention_days,
     };
-    let planned = plan::plan_placement(pool, &new.availability, &plan::Avoid::default()).await?;
+    let planned = plan::plan_placement(pool, &state.ctx.placing, &new.availability, &plan::Avoid::default()).await?;
     let restore_of = RestoreSource {
         database_id: String::new(),
         source_database_id: source.id.clone(),
@@ -292,7 +292,7 @@ pub async fn restore(
 /// operation provisions it and loads its archive.
 async fn unarchive(state: &AppState, who: &Caller, db: Database) -> Result<HttpResponse, ApiError> {
     let pool = state.node.store.pool();
-    let planned = plan::plan_placement(pool, &db.availability, &plan::Avoid::default()).await?;
+    let planned = plan::plan_placement(pool, &state.ctx.placing, &db.availability, &plan::Avoid::default()).await?;
     let pg_name = placement::pg_name(&db.name, &db.id, &planned.taken_pg_names);
     let at = crate::now();
     let operation = Operation::start(op_kind::UNARCHIVE, &db.id, &at);

@@ -61,13 +61,13 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 impl OperatorService {
     /// A host as operators see it: state (active, draining, down), last heartbeat, databases.
-    async fn host_info(&self, h: crate::state::model::Host) -> Result<HostInfo, Status> {
-        let databases = query::live_databases_on_host(self.node.store.pool(), &h.id).await.map_err(internal)?.len();
-        Ok(HostInfo {
+    /// A host as operators see it, with the number of live databases it carries.
+    fn host_info(&self, h: crate::state::model::Host, databases: i64) -> HostInfo {
+        HostInfo {
             last_heartbeat: self.liveness.get(&h.id).map(|s| s.wall).unwrap_or_default(),
             state: h.shown_state().to_string(),
             drain_note: if h.draining { self.ctx.drain_note(&h.id) } else { String::new() },
-            databases: u32::try_from(databases).unwrap_or(u32::MAX),
+            databases: u32::try_from(databases.max(0)).unwrap_or(u32::MAX),
             id: h.id,
             hostname: h.hostname,
             agent_addr: h.agent_addr,
@@ -77,7 +77,7 @@ impl OperatorService {
             disk_free_bytes: h.disk_free_bytes as u64,
             pg_host: h.pg_host,
             pg_port: h.pg_port as u32,
-        })
+        }
     }
 
     /// Checks the bearer token: the admin token, or an admin or operator token that is not
@@ -118,7 +118,9 @@ impl OperatorService {
             .await
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("host {host_id} is not registered")))?;
-        Ok(Response::new(self.host_info(h).await?))
+        let pool = self.node.store.pool();
+        let databases = query::live_databases_on_host(pool, host_id).await.map_err(internal)?.len();
+        Ok(Response::new(self.host_info(h, i64::try_from(databases).unwrap_or(i64::MAX))))
     }
 
     async fn read(&self) -> Result<(), Status> {
@@ -222,12 +224,18 @@ impl Operator for OperatorService {
             return c.list_hosts(Self::forwarded(&token, req.into_inner())?).await;
         }
         self.read().await?;
-        let hosts = query::hosts(self.node.store.pool()).await.map_err(internal)?;
-        let mut out = Vec::with_capacity(hosts.len());
-        for h in hosts {
-            out.push(self.host_info(h).await?);
-        }
-        let hosts = out;
+        // Two queries whatever the fleet's size (one per host took seconds at 1,000 hosts).
+        let pool = self.node.store.pool();
+        let hosts = query::hosts(pool).await.map_err(internal)?;
+        let counts: std::collections::HashMap<String, i64> =
+            query::live_database_counts_by_host(pool).await.map_err(internal)?.into_iter().collect();
+        let hosts = hosts
+            .into_iter()
+            .map(|h| {
+                let databases = counts.get(&h.id).copied().unwrap_or(0);
+                self.host_info(h, databases)
+            })
+            .collect();
         Ok(Response::new(ListHostsReply { hosts }))
     }
 

@@ -99,9 +99,11 @@ async fn propose_batch(raft: &Raft, mut batch: Vec<Proposal>) {
     let (commands, replies): (Vec<Command>, Vec<oneshot::Sender<ForwardReply>>) =
         batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     let n = commands.len();
+    let started = std::time::Instant::now();
     match raft.client_write(Command::Batch { commands }).await {
         Ok(r) => {
             let index = r.log_id.index;
+            tracing::debug!(index, commands = n, ms = started.elapsed().as_secs_f64() * 1e3, "batch entry applied");
             match r.data {
                 Response::Batch { responses } if responses.len() == n => {
                     for (reply, resp) in replies.into_iter().zip(responses) {

@@ -49,6 +49,9 @@ pub struct Ctx {
     busy: Mutex<HashSet<String>>,
     /// A drain pass is running.
     draining: std::sync::atomic::AtomicBool,
+    /// Placements planned on this node whose writes are not applied yet (API creates, moves,
+    /// drains): placement counts them, so concurrent creates spread over the hosts.
+    pub placing: Arc<plan::Pending>,
     /// Per draining host, what its drain does or what stops it (for operators).
     drain_notes: Mutex<std::collections::HashMap<String, String>>,
 }
@@ -76,6 +79,7 @@ impl Ctx {
             busy: Mutex::new(HashSet::new()),
             draining: Default::default(),
             drain_notes: Mutex::new(Default::default()),
+            placing: Default::default(),
         })
     }
 }

@@ -570,12 +570,13 @@ pub async fn start(
                 ));
             }
             let taken = plan::taken_names(pool, id).await.map_err(storage)?;
-            Planned { cluster_id: c.id, new_cluster: None, new_members: vec![], taken_pg_names: taken }
+            let held = Default::default();
+            Planned { cluster_id: c.id, new_cluster: None, new_members: vec![], taken_pg_names: taken, held }
         }
         None => {
             let single_host = if db.availability == "ha" { vec![] } else { vec![source_cluster.primary_host.clone()] };
             let avoid = Avoid { hosts: single_host, clusters: vec![db.cluster_id.clone()] };
-            plan::plan_placement(pool, &db.availability, &avoid).await.map_err(|e| match e {
+            plan::plan_placement(pool, &ctx.placing, &db.availability, &avoid).await.map_err(|e| match e {
                 plan::PlanError::NoPlace(p) => {
                     StartError::Refused(format!("no other cluster can take database {}: {p}", db.id))
                 }

@@ -98,8 +98,7 @@ fn move_of(op: &str, db: &str) -> Move {
 }
 
 async fn run(store: &Store, cmd: Command) -> Response {
-    let mut conn = store.pool().acquire().await.unwrap();
-    apply(&mut conn, &cmd).await.unwrap()
+    store.writer().run(move |conn| apply(conn, &cmd)).await.unwrap()
 }
 
 fn start(mv: &Move) -> Command {

@@ -7,6 +7,7 @@ pub mod lifecycle;
 pub mod model;
 pub mod query;
 pub mod store;
+pub mod wal;
 
 pub use command::{Command, Response};
 pub use store::{StateError, Store};

@@ -297,15 +297,38 @@ pub async fn running_moves(pool: &SqlitePool) -> Result<Vec<Move>, sqlx::Error> 
         .await
 }
 
+/// The states of a live database (not archived, deleted or failed), as an SQL list.
+macro_rules! live_states {
+    () => {
+        "('provisioning', 'active', 'deprecated', 'archiving', 'restoring')"
+    };
+}
+
+/// Live databases per host (as [`live_databases_on_host`] counts them), in one query, for
+/// listing every host at once. Hosts without any are absent.
+pub async fn live_database_counts_by_host(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT m.host_id, COUNT(*) FROM databases d JOIN cluster_members m ON m.cluster_id = d.cluster_id
+         WHERE d.state IN ",
+        live_states!(),
+        " GROUP BY m.host_id"
+    ))
+    .fetch_all(pool)
+    .await
+}
+
 /// Live databases (not archived, deleted or failed) with an instance on `host_id`: what a drain
 /// has to move away.
 pub async fn live_databases_on_host(pool: &SqlitePool, host_id: &str) -> Result<Vec<Database>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as(concat!(
         "SELECT d.* FROM databases d
-         WHERE d.state IN ('provisioning', 'active', 'deprecated', 'archiving', 'restoring')
+         WHERE d.state IN ",
+        live_states!(),
+        "
+
            AND d.cluster_id IN (SELECT cluster_id FROM cluster_members WHERE host_id = ?)
-         ORDER BY d.created_at, d.id",
-    )
+         ORDER BY d.created_at, d.id"
+    ))
     .bind(host_id)
     .fetch_all(pool)
     .await

@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, Sqlite, Transaction};
+use sqlx::Connection;
 
 /// Failures of the state store. Displayed to operators, so each says which file was involved.
 #[derive(Debug, thiserror::Error)]
@@ -16,16 +17,79 @@ pub enum StateError {
     Migrate { path: PathBuf, source: sqlx::migrate::MigrateError },
     #[error("state database {path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("state database {path} (state machine connection): {source}")]
+    Writer { path: PathBuf, source: rusqlite::Error },
 }
 
 /// Migrations of the state schema, embedded so a binary always carries its own schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-/// Handle to the state database. Cloning is cheap (shares the pool).
+/// Handle to the state database. Cloning is cheap (shares the pool and the writer).
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    writer: Writer,
     path: PathBuf,
+}
+
+/// The state machine's own synchronous connection, on which committed entries are applied.
+/// Applying a batch is thousands of small statements; here each costs microseconds, where the
+/// async pool hands every statement to a worker thread and back. Reads stay on the pool (WAL
+/// lets them run while the writer commits).
+#[derive(Clone)]
+pub struct Writer {
+    conn: Arc<Mutex<rusqlite::Connection>>,
+    path: PathBuf,
+    /// Checkpoints the WAL off the apply path while the writer lives.
+    _checkpoints: super::wal::Checkpointer,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("path", &self.path).finish()
+    }
+}
+
+/// Distinct statements the apply code prepares; all stay cached on the writer.
+const WRITER_STATEMENT_CACHE: usize = 256;
+
+impl Writer {
+    fn open(path: &Path) -> Result<Self, StateError> {
+        let err = |source| StateError::Writer { path: path.to_path_buf(), source };
+        let conn = rusqlite::Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(err)?;
+        // WAL without an fsync per commit: the Raft log is the durable record of what was
+        // applied, and the state machine restarts from the snapshot and log after an OS crash
+        // (a process crash loses nothing either way). Checkpoints still fsync.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "OFF").map_err(err)?;
+        super::wal::writer_backstop(&conn).map_err(err)?;
+        conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
+        let checkpoints = super::wal::Checkpointer::start(path).map_err(err)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf(), _checkpoints: checkpoints })
+    }
+
+    /// Runs `f` on the connection on a blocking thread, so the async runtime is never blocked
+    /// by SQLite (or by its fsync).
+    pub async fn run<R, F>(&self, f: F) -> Result<R, StateError>
+    where
+        F: FnOnce(&mut rusqlite::Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+        R: Send + 'static,
+    {
+        let conn = self.conn.clone();
+        let path = self.path.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| StateError::Invalid {
+                path: path.clone(),
+                message: "the state machine connection was poisoned by an earlier panic".into(),
+            })?;
+            f(&mut guard).map_err(|source| StateError::Writer { path, source })
+        })
+        .await;
+        joined
+            .map_err(|e| StateError::Invalid { path: self.path.clone(), message: format!("apply task failed: {e}") })?
+    }
 }
 
 /// Connection options shared by the state and log databases: WAL journal, full fsync on commit.
@@ -44,9 +108,17 @@ impl Store {
         let path = dir.join("state.db");
         let err = |source| StateError::Sqlite { path: path.clone(), source };
         let opts = durable_options(&path).map_err(err)?;
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await.map_err(err)?;
+        // A local file needs no liveness ping before each use: that would be one more trip
+        // through the driver's worker thread for every read.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .test_before_acquire(false)
+            .connect_with(opts)
+            .await
+            .map_err(err)?;
         MIGRATOR.run(&pool).await.map_err(|source| StateError::Migrate { path: path.clone(), source })?;
-        Ok(Self { pool, path })
+        let writer = Writer::open(&path)?;
+        Ok(Self { pool, writer, path })
     }
 
     /// The pool, for read queries.
@@ -54,13 +126,13 @@ impl Store {
         &self.pool
     }
 
-    fn err(&self, source: sqlx::Error) -> StateError {
-        StateError::Sqlite { path: self.path.clone(), source }
+    /// The state machine's connection, on which committed entries are applied.
+    pub fn writer(&self) -> &Writer {
+        &self.writer
     }
 
-    /// Starts the write transaction in which a batch of log entries is applied.
-    pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StateError> {
-        self.pool.begin().await.map_err(|e| self.err(e))
+    fn err(&self, source: sqlx::Error) -> StateError {
+        StateError::Sqlite { path: self.path.clone(), source }
     }
 
     /// Reads one value of the state machine's Raft bookkeeping (`raft_applied`).

@@ -7,6 +7,11 @@
 //! - **teams**: `POST /v1/teams` through the leader: one Raft write per request and nothing
 //!   else (no provisioning), i.e. acknowledged Raft proposals/s as the REST API reaches them;
 //! - **teams via follower**: the same through a follower (which forwards to the leader);
+//! - **teams, open loop** (`--rate R`, 0 skips): `POST /v1/teams` through the leader at R
+//!   requests a second, each sent on schedule and timed from then: the latency at that load
+//!   (the closed-loop phases above measure the most a node takes, where latency is queueing),
+//!   then `GET /v1/databases` on the same schedule, which shows what the machine and the client
+//!   add without Raft;
 //! - **reads**: `GET /v1/databases` (linearizable) on the leader and on a follower;
 //! - **databases** (`--hosts N`, 0 skips): `POST /v1/databases` (202) through the leader, with
 //!   N simulated agents (real gRPC protocol, agent certificates, no PostgreSQL) registered so
@@ -95,6 +100,10 @@ struct Args {
     /// Deadline of each long wait (creating the databases, their activation), in seconds.
     #[arg(long, default_value_t = 1800)]
     deadline_secs: u64,
+    /// Requests a second of the open-loop write phase (`POST /v1/teams` via the leader, each
+    /// request sent on schedule and timed from it), for latency at a given load (0 skips it).
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
     /// Passed to the nodes (their default is 5000).
     #[arg(long)]
     host_down_after_ms: Option<u64>,
@@ -165,53 +174,109 @@ where
     F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<bool>> + Send,
 {
-    let before: Vec<(u64, u32, Option<u64>)> = pids(nodes).into_iter().map(|(id, p)| (id, p, cpu_ticks(p))).collect();
-    let start = Instant::now();
-    let end = start + Duration::from_secs(secs);
-    let lat = Arc::new(Mutex::new(Vec::new()));
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(Mutex::new(None));
+    let run = Run::start(nodes);
+    let end = run.start + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (op, lat, errors, first_error) = (op.clone(), lat.clone(), errors.clone(), first_error.clone());
+        let (op, tally) = (op.clone(), run.tally.clone());
         tasks.push(tokio::spawn(async move {
-            let mut mine = Vec::new();
             let mut seq = 0u64;
             while Instant::now() < end {
                 let t = Instant::now();
-                match op(c, seq).await {
-                    Ok(true) => mine.push(t.elapsed().as_secs_f64() * 1000.0),
-                    Ok(false) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(format!("{e:#}"));
-                    }
-                }
+                tally.record(t, op(c, seq).await);
                 seq += 1;
             }
-            lat.lock().unwrap_or_else(|p| p.into_inner()).extend(mine);
         }));
     }
     for t in tasks {
         let _ = t.await;
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let hz = tick_hz();
-    let cpu =
-        before.into_iter().filter_map(|(id, p, b)| Some((id, (cpu_ticks(p)? - b?) as f64 / hz / elapsed))).collect();
-    let mut lat_ms = std::mem::take(&mut *lat.lock().unwrap_or_else(|p| p.into_inner()));
-    lat_ms.sort_by(f64::total_cmp);
-    let first_error = first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
-    Load {
-        name: name.into(),
-        ok: lat_ms.len() as u64,
-        errors: errors.load(Ordering::Relaxed),
-        secs: elapsed,
-        lat_ms,
-        cpu,
-        first_error,
+    run.finish(name)
+}
+
+/// Open-loop load: `rate` requests a second for `secs`, each started on schedule whether or
+/// not earlier ones have answered, and timed from its scheduled start (so a stall shows in the
+/// latencies instead of lowering the request rate). `op` gets client 0 and the request's number.
+async fn paced<F, Fut>(name: &str, nodes: &[Node], rate: u64, secs: u64, op: F) -> Load
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<bool>> + Send + 'static,
+{
+    let run = Run::start(nodes);
+    let total = rate.saturating_mul(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let due = run.start + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let (op, tally) = (op.clone(), run.tally.clone());
+        tasks.spawn(async move { tally.record(due, op(0, i).await) });
+        // Reap finished requests as we go, so the set stays the size of what is in flight.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    run.finish(name)
+}
+
+/// Latencies and failures of one load phase, shared by its request tasks.
+#[derive(Default)]
+struct Tally {
+    lat_ms: Mutex<Vec<f64>>,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Tally {
+    /// Records one request that started (or was due) at `since`.
+    fn record(&self, since: Instant, outcome: Result<bool>) {
+        match outcome {
+            Ok(true) => {
+                let ms = since.elapsed().as_secs_f64() * 1000.0;
+                self.lat_ms.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
+            }
+            Ok(false) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+}
+
+/// One load phase in progress: its start, the nodes' CPU time at the start, and its tally.
+struct Run {
+    start: Instant,
+    cpu_before: Vec<(u64, u32, Option<u64>)>,
+    tally: Arc<Tally>,
+}
+
+impl Run {
+    fn start(nodes: &[Node]) -> Self {
+        let cpu_before = pids(nodes).into_iter().map(|(id, p)| (id, p, cpu_ticks(p))).collect();
+        Self { start: Instant::now(), cpu_before, tally: Arc::default() }
+    }
+
+    fn finish(self, name: &str) -> Load {
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let hz = tick_hz();
+        let cpu = self
+            .cpu_before
+            .into_iter()
+            .filter_map(|(id, p, b)| Some((id, (cpu_ticks(p)? - b?) as f64 / hz / elapsed)))
+            .collect();
+        let mut lat_ms = std::mem::take(&mut *self.tally.lat_ms.lock().unwrap_or_else(|p| p.into_inner()));
+        lat_ms.sort_by(f64::total_cmp);
+        let first_error = self.tally.first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Load {
+            name: name.into(),
+            ok: lat_ms.len() as u64,
+            errors: self.tally.errors.load(Ordering::Relaxed),
+            secs: elapsed,
+            lat_ms,
+            cpu,
+            first_error,
+        }
     }
 }
 
@@ -329,6 +394,35 @@ async fn main() -> Result<()> {
                     let (s, _) = rest.post(&url, &token, &body).await?;
                     Ok(s == 201)
                 }
+            })
+            .await,
+        );
+    }
+    if args.rate > 0 {
+        let (rest, token, url) = (rest.clone(), token.clone(), nodes[li].url("/v1/teams"));
+        let label = format!("POST /v1/teams via leader, {} req/s open loop", args.rate);
+        eprintln!("phase: {label}");
+        loads.push(
+            paced(&label, &nodes, args.rate, args.secs, move |_, seq| {
+                let (rest, token, url) = (rest.clone(), token.clone(), url.clone());
+                async move {
+                    let body = json!({"name": format!("t2s{seq}"), "contact": "bench@example.com"});
+                    let (s, _) = rest.post(&url, &token, &body).await?;
+                    Ok(s == 201)
+                }
+            })
+            .await,
+        );
+    }
+    if args.rate > 0 {
+        // The same schedule without Raft: what the machine and the client add by themselves.
+        let (rest, token, url) = (rest.clone(), token.clone(), nodes[li].url("/v1/databases"));
+        let label = format!("GET /v1/databases on leader, {} req/s open loop", args.rate);
+        eprintln!("phase: {label}");
+        loads.push(
+            paced(&label, &nodes, args.rate, args.secs, move |_, _| {
+                let (rest, token, url) = (rest.clone(), token.clone(), url.clone());
+                async move { Ok(rest.get(&url, &token).await?.0 == 200) }
             })
             .await,
         );
