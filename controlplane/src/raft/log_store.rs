@@ -409,7 +409,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let upto = log_id.index;
         {
             let mut tail = lock(&self.inner.tail);
-            let rest = tail.split_off(&(upto + 1));
+            let rest = tail.split_off(&upto.saturating_add(1));
             *tail = rest;
         }
         self.write(|done| Op::Purge { upto: upto as i64, json, done }).await.map_err(write_err)
