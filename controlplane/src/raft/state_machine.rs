@@ -162,23 +162,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let commands = entries.iter().any(|e| matches!(e.payload, EntryPayload::Normal(_)));
         let (n, started) = (entries.len(), std::time::Instant::now());
-        let (out, work) = self
-            .store
-            .writer()
-            .run(move |conn| {
-                let t = std::time::Instant::now();
-                let out = apply_entries(conn, &entries)?;
-                let commit = t.elapsed();
-                Ok((out, commit))
-            })
-            .await
-            .map_err(write_err)?;
-        tracing::debug!(
-            entries = n,
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            work_ms = work.as_secs_f64() * 1e3,
-            "applied"
-        );
+        let out = self.store.writer().run(move |conn| apply_entries(conn, &entries)).await.map_err(write_err)?;
+        tracing::debug!(entries = n, ms = started.elapsed().as_secs_f64() * 1e3, "applied");
         if commands {
             self.stats.applied.notify_waiters();
         }

@@ -240,32 +240,7 @@ pub fn new_password() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::model::host_state;
     use crate::state::{apply::apply, Command, Store};
-
-    fn host(id: &str) -> Host {
-        Host {
-            id: id.into(),
-            hostname: id.into(),
-            agent_addr: format!("{id}:1"),
-            zone: id.into(),
-            cores: 2,
-            memory_bytes: 1 << 30,
-            memory_budget_bytes: 1 << 30,
-            disk_free_bytes: 10 << 30,
-            disk_total_bytes: 20 << 30,
-            data_path: "/d".into(),
-            agent_version: "t".into(),
-            pg_major: 15,
-            pg_host: "127.0.0.1".into(),
-            pg_port: 5432,
-            state: host_state::ACTIVE.into(),
-            registered_at: "t0".into(),
-            state_changed_at: "t0".into(),
-            draining: false,
-            revoked_at: None,
-        }
-    }
 
     #[test]
     fn a_reservation_counts_until_dropped() {
@@ -288,7 +263,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
         for id in ["h1", "h2", "h3"] {
-            let cmd = Command::UpsertHost { host: host(id) };
+            let cmd = Command::UpsertHost { host: Host::for_test(id) };
             store.writer().run(move |c| apply(c, &cmd)).await.unwrap();
         }
         let pending = Arc::new(Pending::default());

@@ -2,32 +2,8 @@
 //! database.
 
 use super::*;
-use crate::state::model::{cluster_state, host_state, move_state, Cluster, Database, Host, Member, Move, Operation};
+use crate::state::model::{cluster_state, move_state, Cluster, Database, Host, Member, Move, Operation};
 use crate::state::{query, Store};
-
-fn host(id: &str) -> Host {
-    Host {
-        id: id.into(),
-        hostname: id.into(),
-        agent_addr: format!("{id}:1"),
-        zone: id.into(),
-        cores: 2,
-        memory_bytes: 1 << 30,
-        memory_budget_bytes: 1 << 30,
-        disk_free_bytes: 10 << 30,
-        disk_total_bytes: 20 << 30,
-        data_path: "/d".into(),
-        agent_version: "t".into(),
-        pg_major: 15,
-        pg_host: "127.0.0.1".into(),
-        pg_port: 5432,
-        state: host_state::ACTIVE.into(),
-        registered_at: "t0".into(),
-        state_changed_at: "t0".into(),
-        draining: false,
-        revoked_at: None,
-    }
-}
 
 fn cluster(id: &str, host: &str) -> (Cluster, Vec<Member>) {
     let c = Cluster {
@@ -125,7 +101,7 @@ async fn setup() -> (tempfile::TempDir, Store) {
     };
     assert_eq!(run(&store, team).await, Response::Done);
     for (h, c) in [("a", "c-a"), ("b", "c-b")] {
-        run(&store, Command::UpsertHost { host: host(h) }).await;
+        run(&store, Command::UpsertHost { host: Host::for_test(h) }).await;
         let (cl, members) = cluster(c, h);
         let mut db = database(&format!("seed-{h}"), c);
         db.name = format!("seed_{h}");
@@ -243,7 +219,7 @@ async fn moves_need_a_live_database_and_a_free_name() {
     // Draining is kept apart from liveness: a re-registration does not end it.
     let drain = Command::SetHostDraining { host_id: "a".into(), draining: true, at: "t".into(), actor: "o".into() };
     assert_eq!(run(&store, drain).await, Response::Done);
-    run(&store, Command::UpsertHost { host: host("a") }).await;
+    run(&store, Command::UpsertHost { host: Host::for_test("a") }).await;
     let a = query::host(store.pool(), "a").await.unwrap().unwrap();
     assert!(a.draining && a.shown_state() == "draining" && !a.accepts_databases());
 }

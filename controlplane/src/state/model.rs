@@ -99,6 +99,34 @@ pub struct Host {
     pub revoked_at: Option<String>,
 }
 
+#[cfg(test)]
+impl Host {
+    /// An active host with room for databases (its zone is its id), for tests.
+    pub(crate) fn for_test(id: &str) -> Host {
+        Host {
+            id: id.into(),
+            hostname: id.into(),
+            agent_addr: format!("{id}:1"),
+            zone: id.into(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            memory_budget_bytes: 1 << 30,
+            disk_free_bytes: 10 << 30,
+            disk_total_bytes: 20 << 30,
+            data_path: "/d".into(),
+            agent_version: "t".into(),
+            pg_major: 15,
+            pg_host: "127.0.0.1".into(),
+            pg_port: 5432,
+            state: host_state::ACTIVE.into(),
+            registered_at: "t0".into(),
+            state_changed_at: "t0".into(),
+            draining: false,
+            revoked_at: None,
+        }
+    }
+}
+
 impl Host {
     /// `down`, `draining` or `active`, as operators see it.
     pub fn shown_state(&self) -> &str {

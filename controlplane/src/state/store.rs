@@ -92,8 +92,8 @@ impl Writer {
     }
 }
 
-/// Connection options shared by the state and log databases: WAL journal, full fsync on commit.
-pub fn durable_options(path: &Path) -> Result<SqliteConnectOptions, sqlx::Error> {
+/// Options of the read pool (which also installs snapshots): WAL journal, full fsync on commit.
+fn durable_options(path: &Path) -> Result<SqliteConnectOptions, sqlx::Error> {
     Ok(SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)

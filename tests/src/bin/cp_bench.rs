@@ -194,6 +194,35 @@ where
     run.finish(name)
 }
 
+/// One request of the write and read phases.
+#[derive(Clone, Copy)]
+enum Call {
+    /// `POST /v1/teams` with a new name per phase (`run`), client and request: one Raft write.
+    CreateTeam { run: u32 },
+    /// `GET /v1/databases`: one linearizable read.
+    ListDatabases,
+}
+
+impl Call {
+    fn path(self) -> &'static str {
+        match self {
+            Call::CreateTeam { .. } => "/v1/teams",
+            Call::ListDatabases => "/v1/databases",
+        }
+    }
+
+    /// Sends it; true when answered as expected (201, 200).
+    async fn send(self, rest: &Rest, url: &str, token: &str, client: usize, seq: u64) -> Result<bool> {
+        match self {
+            Call::CreateTeam { run } => {
+                let body = json!({"name": format!("t{run}c{client}s{seq}"), "contact": "bench@example.com"});
+                Ok(rest.post(url, token, &body).await?.0 == 201)
+            }
+            Call::ListDatabases => Ok(rest.get(url, token).await?.0 == 200),
+        }
+    }
+}
+
 /// Open-loop load: `rate` requests a second for `secs`, each started on schedule whether or
 /// not earlier ones have answered, and timed from its scheduled start (so a stall shows in the
 /// latencies instead of lowering the request rate). `op` gets client 0 and the request's number.
@@ -382,63 +411,31 @@ async fn main() -> Result<()> {
     let fi = (li + 1) % nodes.len();
     eprintln!("3 nodes up; leader {}, follower used {}", nodes[li].id, nodes[fi].id);
     let mut loads = Vec::new();
-
-    for (label, idx, run) in [("POST /v1/teams via leader", li, 0), ("POST /v1/teams via follower", fi, 1)] {
-        let (rest, token, url) = (rest.clone(), token.clone(), nodes[idx].url("/v1/teams"));
-        eprintln!("phase: {label}");
-        loads.push(
-            load(label, &nodes, args.clients, args.secs, move |c, seq| {
-                let (rest, token, url) = (rest.clone(), token.clone(), url.clone());
-                async move {
-                    let body = json!({"name": format!("t{run}c{c}s{seq}"), "contact": "bench@example.com"});
-                    let (s, _) = rest.post(&url, &token, &body).await?;
-                    Ok(s == 201)
-                }
-            })
-            .await,
-        );
-    }
+    // (label, node, request, pace): closed loop with `--clients` clients, or open loop at `--rate`.
+    let mut phases = vec![
+        ("POST /v1/teams via leader".to_string(), li, Call::CreateTeam { run: 0 }, None),
+        ("POST /v1/teams via follower".to_string(), fi, Call::CreateTeam { run: 1 }, None),
+    ];
     if args.rate > 0 {
-        let (rest, token, url) = (rest.clone(), token.clone(), nodes[li].url("/v1/teams"));
-        let label = format!("POST /v1/teams via leader, {} req/s open loop", args.rate);
-        eprintln!("phase: {label}");
-        loads.push(
-            paced(&label, &nodes, args.rate, args.secs, move |_, seq| {
-                let (rest, token, url) = (rest.clone(), token.clone(), url.clone());
-                async move {
-                    let body = json!({"name": format!("t2s{seq}"), "contact": "bench@example.com"});
-                    let (s, _) = rest.post(&url, &token, &body).await?;
-                    Ok(s == 201)
-                }
-            })
-            .await,
-        );
-    }
-    if args.rate > 0 {
+        let open = |what: &str| format!("{what}, {} req/s open loop", args.rate);
+        phases.push((open("POST /v1/teams via leader"), li, Call::CreateTeam { run: 2 }, Some(args.rate)));
         // The same schedule without Raft: what the machine and the client add by themselves.
-        let (rest, token, url) = (rest.clone(), token.clone(), nodes[li].url("/v1/databases"));
-        let label = format!("GET /v1/databases on leader, {} req/s open loop", args.rate);
-        eprintln!("phase: {label}");
-        loads.push(
-            paced(&label, &nodes, args.rate, args.secs, move |_, _| {
-                let (rest, token, url) = (rest.clone(), token.clone(), url.clone());
-                async move { Ok(rest.get(&url, &token).await?.0 == 200) }
-            })
-            .await,
-        );
+        phases.push((open("GET /v1/databases on leader"), li, Call::ListDatabases, Some(args.rate)));
     }
-    for (label, idx) in [("GET /v1/databases on leader", li), ("GET /v1/databases on follower", fi)] {
-        let (rest, token, url) = (rest.clone(), token.clone(), nodes[idx].url("/v1/databases"));
+    phases.push(("GET /v1/databases on leader".to_string(), li, Call::ListDatabases, None));
+    phases.push(("GET /v1/databases on follower".to_string(), fi, Call::ListDatabases, None));
+    for (label, idx, call, rate) in phases {
         eprintln!("phase: {label}");
-        loads.push(
-            load(label, &nodes, args.clients, args.secs, move |_, _| {
-                let (rest, token, url) = (rest.clone(), token.clone(), url.clone());
-                async move { Ok(rest.get(&url, &token).await?.0 == 200) }
-            })
-            .await,
-        );
+        let (rest, token, url) = (rest.clone(), token.clone(), nodes[idx].url(call.path()));
+        let op = move |client, seq| {
+            let (rest, token, url) = (rest.clone(), token.clone(), url.clone());
+            async move { call.send(&rest, &url, &token, client, seq).await }
+        };
+        loads.push(match rate {
+            Some(rate) => paced(&label, &nodes, rate, args.secs, op).await,
+            None => load(&label, &nodes, args.clients, args.secs, op).await,
+        });
     }
-
     if args.hosts > 0 {
         let grpc: Vec<String> = nodes.iter().map(|n| n.grpc.clone()).collect();
         let life = Duration::from_secs(args.secs + 120);
