@@ -89,6 +89,8 @@ pub const HA_HEARTBEAT_MS: u32 = 200;
 impl AgentFacing {
     /// Leases for the HA primaries this host runs, at the cluster's current epoch.
     async fn grant_leases(&self, host_id: &str, instances: &[steward_proto::v1::InstanceStatus]) -> Vec<LeaseGrant> {
+        // A primary failing its write probe (a stuck disk) gets no lease: it fences itself when the
+        // current one runs out, and the control plane can then promote a standby.
         let serving: Vec<_> = instances
             .iter()
             .filter(|i| i.running && !i.fenced && !i.in_recovery && i.role == "primary" && i.probe_ok)
@@ -112,6 +114,7 @@ impl AgentFacing {
         out
     }
 
+    /// Refuses a revoked host (its open connection may predate the revocation).
     async fn refuse_revoked(&self, host_id: &str) -> Result<(), Status> {
         let host = query::host(self.node.store.pool(), host_id).await.map_err(|e| Status::internal(e.to_string()))?;
         if host.is_some_and(|h| h.revoked_at.is_some()) {
