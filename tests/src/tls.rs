@@ -3,7 +3,7 @@
 //! simulated hosts. Everything in the tests speaks TLS, as in production.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -12,6 +12,10 @@ use steward_proto::tls::{Identity, Role, TlsDir, TlsMaterial};
 use tonic::transport::Channel;
 
 static CA: OnceLock<PathBuf> = OnceLock::new();
+
+/// Tests of one process run in parallel: the first to need a certificate issues it while the
+/// others wait, instead of all of them writing the same directory at once.
+static ISSUING: Mutex<()> = Mutex::new(());
 
 /// Removes CA directories of test processes that are gone.
 fn sweep_stale() {
@@ -70,6 +74,7 @@ pub fn seed_node(tls_dir: &Path) -> Result<()> {
 /// The operator certificate directory (for stewardctl's --tls-dir).
 pub fn operator_dir() -> PathBuf {
     let dir = ca_dir().join("operator");
+    let _one_issuer = ISSUING.lock().unwrap_or_else(|e| e.into_inner());
     if !TlsDir(dir.clone()).has_identity() {
         if let Err(e) = issue(Role::Operator, "test-operator", &[], &dir) {
             panic!("issuing the test operator certificate: {e:#}");
@@ -81,6 +86,7 @@ pub fn operator_dir() -> PathBuf {
 /// TLS material of a simulated host (an agent certificate named `host_id`).
 pub fn host_material(host_id: &str) -> Result<Arc<TlsMaterial>> {
     let dir = ca_dir().join(format!("host-{host_id}"));
+    let _one_issuer = ISSUING.lock().unwrap_or_else(|e| e.into_inner());
     if !TlsDir(dir.clone()).has_identity() {
         issue(Role::Agent, host_id, &[], &dir)?;
     }

@@ -254,7 +254,11 @@ pub fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), TlsErr
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    let tmp = path.with_extension("tmp");
+    // A temporary name of this writer's own: two writers of the same file (two threads
+    // issuing into one directory) must not remove or rename each other's halves.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{seq}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io(&tmp))?;
     f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
@@ -365,5 +369,27 @@ mod tests {
         assert!(v.renewal_due(v.not_after + Duration::from_secs(1)));
         assert!(Issuer::from_pem(&ca.cert_pem, "junk").is_err());
         assert!(issuer.sign_csr("junk", &req).is_err());
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_file_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        let writers: Vec<_> = (0..8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    (0..50).map(|_| write_atomic(&path, &format!("writer {i}"), 0o644)).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for w in writers {
+            for r in w.join().unwrap() {
+                r.unwrap();
+            }
+        }
+        assert!(std::fs::read_to_string(&path).unwrap().starts_with("writer "));
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
