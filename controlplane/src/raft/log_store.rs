@@ -105,7 +105,7 @@ impl LogStore {
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
             )?;
             wal::writer_backstop(&writer)?;
-            Ok((writer, connect(&p)?, Checkpointer::start(&p)?))
+            Ok((writer, connect(&p)?, Checkpointer::start(&p, "FULL")?))
         })
         .await
         .map_err(|e| LogError::Invalid { path: path.clone(), message: format!("opening task failed: {e}") })?;
@@ -203,7 +203,9 @@ impl Writer {
                 }
             }
             let committed = lock(&self.committed).take();
+            let started = std::time::Instant::now();
             let result = self.commit(&ops, committed.as_deref()).map_err(|e| e.to_string());
+            tracing::debug!(ops = ops.len(), ms = started.elapsed().as_secs_f64() * 1e3, "log committed");
             let mut flushed_upto = None;
             for op in ops {
                 let r = result.clone();

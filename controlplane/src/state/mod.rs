@@ -2,6 +2,7 @@
 //! operations. Rows change only by applying [`command::Command`]s from the Raft log.
 
 pub mod apply;
+pub mod boot;
 pub mod command;
 pub mod lifecycle;
 pub mod model;

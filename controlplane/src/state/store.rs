@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Connection;
 
+use super::boot::{self, Durability};
+
 /// Failures of the state store. Displayed to operators, so each says which file was involved.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -54,19 +56,18 @@ impl std::fmt::Debug for Writer {
 const WRITER_STATEMENT_CACHE: usize = 256;
 
 impl Writer {
-    fn open(path: &Path) -> Result<Self, StateError> {
+    fn open(path: &Path, durability: &Durability) -> Result<Self, StateError> {
         let err = |source| StateError::Writer { path: path.to_path_buf(), source };
         let conn = rusqlite::Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(err)?;
-        // WAL without an fsync per commit: the Raft log is the durable record of what was
-        // applied, and the state machine restarts from the snapshot and log after an OS crash
-        // (a process crash loses nothing either way). Checkpoints still fsync.
+        // WAL without an fsync per commit, and (where a reboot can be detected) without any:
+        // the Raft log is the durable record of what was applied (see `boot`).
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", durability.synchronous()).map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "OFF").map_err(err)?;
         super::wal::writer_backstop(&conn).map_err(err)?;
         conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
-        let checkpoints = super::wal::Checkpointer::start(path).map_err(err)?;
+        let checkpoints = super::wal::Checkpointer::start(path, durability.synchronous()).map_err(err)?;
         Ok(Self { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf(), _checkpoints: checkpoints })
     }
 
@@ -103,9 +104,27 @@ fn durable_options(path: &Path) -> Result<SqliteConnectOptions, sqlx::Error> {
 }
 
 impl Store {
-    /// Opens (creating if needed) `state.db` in `dir` and brings its schema up to date.
+    /// Opens (creating if needed) `state.db` in `dir` and brings its schema up to date. A
+    /// state written without fsync in an earlier boot is discarded first (see `boot`): the
+    /// state machine then rebuilds it from the snapshot and the log.
     pub async fn open(dir: &Path) -> Result<Self, StateError> {
+        Self::open_in_boot(dir, boot::current_boot_id().as_deref()).await
+    }
+
+    /// [`Store::open`] as if in the boot with id `boot` (tests play reboots with it).
+    pub async fn open_in_boot(dir: &Path, boot: Option<&str>) -> Result<Self, StateError> {
         let path = dir.join("state.db");
+        let prepared = boot::prepare(&path, boot).map_err(|e| StateError::Invalid {
+            path: path.clone(),
+            message: format!("checking whether the state survived a reboot: {e}"),
+        })?;
+        if prepared.discarded {
+            tracing::warn!(
+                path = %path.display(),
+                "the host restarted since the state was last written (without fsync): \
+                 rebuilding it from the local snapshot and the Raft log"
+            );
+        }
         let err = |source| StateError::Sqlite { path: path.clone(), source };
         let opts = durable_options(&path).map_err(err)?;
         // A local file needs no liveness ping before each use: that would be one more trip
@@ -117,7 +136,7 @@ impl Store {
             .await
             .map_err(err)?;
         MIGRATOR.run(&pool).await.map_err(|source| StateError::Migrate { path: path.clone(), source })?;
-        let writer = Writer::open(&path)?;
+        let writer = Writer::open(&path, &prepared.durability)?;
         Ok(Self { pool, writer, path })
     }
 

@@ -26,10 +26,12 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts checkpointing `path` (a database in WAL mode) on a thread of its own.
-    pub fn start(path: &Path) -> Result<Self, rusqlite::Error> {
+    /// Starts checkpointing `path` (a database in WAL mode) on a thread of its own, with
+    /// SQLite's `synchronous` setting `synchronous` (`OFF`: checkpoints do not fsync).
+    pub fn start(path: &Path, synchronous: &str) -> Result<Self, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(1))?;
+        conn.pragma_update(None, "synchronous", synchronous)?;
         let alive = Arc::new(path.to_path_buf());
         let weak = Arc::downgrade(&alive);
         let name = format!("wal-{}", path.file_stem().and_then(|s| s.to_str()).unwrap_or("db"));
