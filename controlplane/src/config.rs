@@ -67,7 +67,9 @@ pub struct NodeArgs {
     /// default.
     #[arg(long)]
     pub raft_election_ms: Option<u64>,
-    /// Build a snapshot every this many log entries (default 5000).
+    /// Build a snapshot every this many log entries (default 10000). Each snapshot copies and
+    /// writes the whole state; fewer mean less disk and CPU, more mean a longer replay after a
+    /// host reboot.
     #[arg(long)]
     pub snapshot_logs: Option<u64>,
     /// Log entries kept after a snapshot (default 1000).
@@ -201,7 +203,7 @@ impl NodeArgs {
             heartbeat_ms: heartbeat,
             election_min_ms: election,
             election_max_ms: election * 2,
-            snapshot_logs: self.snapshot_logs.or(file.snapshot_logs).unwrap_or(5000).max(1),
+            snapshot_logs: self.snapshot_logs.or(file.snapshot_logs).unwrap_or(10_000).max(1),
             keep_logs: self.keep_logs.or(file.keep_logs).unwrap_or(1000),
         };
         let interval = |name: &str, v: Option<String>, default: Duration| match v {

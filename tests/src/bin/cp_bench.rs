@@ -107,7 +107,7 @@ struct Args {
     /// Passed to the nodes (their default is 5000).
     #[arg(long)]
     host_down_after_ms: Option<u64>,
-    /// Passed to the nodes: a snapshot every this many log entries (their default is 5000).
+    /// Passed to the nodes: a snapshot every this many log entries (their default is 10000).
     #[arg(long)]
     snapshot_logs: Option<u64>,
     /// Passed to the nodes: log entries kept after a snapshot (their default is 1000).
