@@ -23,6 +23,7 @@ use openraft::{OptionalSend, Vote};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use super::snapshot_policy::LogBytes;
 use super::{read_err, write_err, Entry, LogId, NodeId, StorageError, TypeConfig};
 use crate::state::wal::{self, Checkpointer};
 
@@ -59,6 +60,8 @@ struct Inner {
     reader: Mutex<Connection>,
     /// Checkpoints the WAL off the append path while the store lives.
     _checkpoints: Checkpointer,
+    /// Bytes appended since start, for the snapshot policy.
+    appended: Arc<LogBytes>,
 }
 
 impl Debug for Inner {
@@ -118,7 +121,15 @@ impl LogStore {
             .name("raft-log-writer".into())
             .spawn(move || thread.run())
             .map_err(|e| LogError::Invalid { path: path.clone(), message: format!("starting the writer: {e}") })?;
-        let inner = Inner { path, tail, committed, ops: tx, reader: Mutex::new(reader), _checkpoints: checkpoints };
+        let inner = Inner {
+            path,
+            tail,
+            committed,
+            ops: tx,
+            reader: Mutex::new(reader),
+            _checkpoints: checkpoints,
+            appended: Arc::default(),
+        };
         Ok(Self { inner: Arc::new(inner) })
     }
 
@@ -168,6 +179,12 @@ impl LogStore {
     async fn set_meta<T: serde::Serialize>(&self, key: &'static str, value: &T) -> Result<(), StorageError> {
         let json = serde_json::to_string(value).map_err(write_err)?;
         self.write(|done| Op::Meta { key, json, done }).await.map_err(write_err)
+    }
+
+    /// The count of bytes appended to this log, which the snapshot policy compares with the
+    /// snapshot's size.
+    pub fn appended_bytes(&self) -> Arc<LogBytes> {
+        self.inner.appended.clone()
     }
 
     /// Index of the oldest entry still in the log (the operator API reports it).
@@ -379,6 +396,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in &entries {
             rows.push((e.log_id.index as i64, serde_json::to_string(e).map_err(write_err)?));
         }
+        self.inner.appended.add(rows.iter().map(|(_, json)| json.len() as u64).sum());
         // Readable at once (openraft's contract for a return from `append`); durable when the
         // writer reports it through `callback`.
         {

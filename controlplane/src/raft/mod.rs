@@ -8,6 +8,7 @@ pub mod network;
 pub mod node;
 pub mod read_index;
 pub mod service;
+pub mod snapshot_policy;
 pub mod state_machine;
 
 use std::fmt;

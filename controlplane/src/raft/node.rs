@@ -21,7 +21,8 @@ use steward_proto::tls::{Role, TlsMaterial};
 use super::group_commit::GroupCommit;
 use super::network::{channel, NetworkFactory};
 use super::read_index::Coalescer;
-use super::state_machine::{SmStats, StateMachine};
+use super::snapshot_policy;
+use super::state_machine::{snapshot_file, SmStats, StateMachine};
 use super::{NodeId, NodeInfo, Raft};
 use crate::state::{Command, Response, Store};
 
@@ -64,7 +65,8 @@ pub struct RaftSettings {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
-    /// Build a snapshot after this many applied entries since the last one.
+    /// Build a snapshot after at least this many applied entries since the last one (and see
+    /// `snapshot_policy` for the log bytes it also waits for).
     pub snapshot_logs: u64,
     /// Entries kept in the log after a snapshot (for slow followers without a snapshot transfer).
     pub keep_logs: u64,
@@ -72,7 +74,7 @@ pub struct RaftSettings {
 
 impl Default for RaftSettings {
     fn default() -> Self {
-        Self { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800, snapshot_logs: 5000, keep_logs: 1000 }
+        Self { heartbeat_ms: 100, election_min_ms: 400, election_max_ms: 800, snapshot_logs: 10_000, keep_logs: 1000 }
     }
 }
 
@@ -122,7 +124,8 @@ impl RaftNode {
             election_timeout_min: settings.election_min_ms,
             election_timeout_max: settings.election_max_ms,
             install_snapshot_timeout: 30_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_logs),
+            // Snapshots are triggered by `snapshot_policy`, which also weighs log bytes.
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: settings.keep_logs,
             purge_batch_size: 256,
             ..Default::default()
@@ -130,6 +133,7 @@ impl RaftNode {
         let config = Arc::new(config.validate()?);
         let raft = Raft::new(id, config, NetworkFactory::new(peer_tls.clone()), log.clone(), sm).await?;
         let proposals = GroupCommit::start(raft.clone());
+        snapshot_policy::start(raft.clone(), settings.snapshot_logs, log.appended_bytes(), snapshot_file(dir));
         Ok(Arc::new(Self {
             id,
             raft,

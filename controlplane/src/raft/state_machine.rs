@@ -47,7 +47,8 @@ impl StateMachine {
     }
 }
 
-fn snapshot_file(dir: &Path) -> PathBuf {
+/// The local snapshot in the Raft directory `dir`.
+pub fn snapshot_file(dir: &Path) -> PathBuf {
     dir.join("snapshot.db")
 }
 
