@@ -67,9 +67,10 @@ pub struct NodeArgs {
     /// default.
     #[arg(long)]
     pub raft_election_ms: Option<u64>,
-    /// Build a snapshot every this many log entries (default 10000). Each snapshot copies and
-    /// writes the whole state; fewer mean less disk and CPU, more mean a longer replay after a
-    /// host reboot.
+    /// Build a snapshot after at least this many log entries (default 10000), once the log
+    /// since the last snapshot is also half its size, and at the latest after ten times this
+    /// many. Each snapshot copies and writes the whole state; more entries mean less disk and
+    /// CPU, and a longer replay after a host reboot.
     #[arg(long)]
     pub snapshot_logs: Option<u64>,
     /// Log entries kept after a snapshot (default 1000).
