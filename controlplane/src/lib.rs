@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod dev;
+pub mod durable_file;
 pub mod grpc;
 pub mod metrics;
 pub mod pki;

@@ -17,6 +17,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, St
 use sqlx::SqliteConnection;
 
 use super::{read_err, write_err, Entry, LogId, NodeId, NodeInfo, StorageError, TypeConfig};
+use crate::durable_file;
 use crate::state::{apply::apply_entry, Response, Store};
 
 type Membership = StoredMembership<NodeId, NodeInfo>;
@@ -90,37 +91,6 @@ async fn in_background<T: Send + 'static>(
         })
         .map_err(write_err)?;
     rx.await.map_err(|_| write_err(std::io::Error::other("the snapshot thread ended without a result")))?
-}
-
-/// Bytes written between two fsyncs of a snapshot file.
-const SYNC_STEP: usize = 512 << 10;
-
-/// Writes `bytes` to `path` durably: temp file, fsync, rename, fsync of the directory.
-///
-/// A snapshot is tens of MiB. Written whole and fsynced once, it queued that much in front of
-/// the Raft log's own fsync, whose appends then stalled for 100-200 ms on every node that built
-/// or received a snapshot. Here it is synced every [`SYNC_STEP`] bytes, and after each step the
-/// writer rests as long as the step took: the disk stays free half of the time for the log,
-/// whatever its speed, and a log fsync waits behind one step at most.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    let steps = bytes.len().div_ceil(SYNC_STEP);
-    for (i, step) in bytes.chunks(SYNC_STEP).enumerate() {
-        let started = std::time::Instant::now();
-        f.write_all(step)?;
-        f.sync_data()?;
-        if i + 1 < steps {
-            std::thread::sleep(started.elapsed());
-        }
-    }
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
 }
 
 async fn read_applied(conn: &mut SqliteConnection) -> Result<(Option<LogId>, Membership), StorageError> {
@@ -228,12 +198,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = snapshot.into_inner();
         let size = bytes.len();
         let path = incoming.clone();
-        blocking(move || write_durably(&path, &bytes)).await.map_err(write_err)?;
+        blocking(move || durable_file::write(&path, &bytes)).await.map_err(write_err)?;
         self.store.replace_from(&incoming).await.map_err(write_err)?;
         let (dir, meta_json) = (self.dir.clone(), serde_json::to_vec(meta).map_err(write_err)?);
         blocking(move || {
             std::fs::rename(&incoming, snapshot_file(&dir))?;
-            write_durably(&meta_file(&dir), &meta_json)
+            durable_file::write(&meta_file(&dir), &meta_json)
         })
         .await
         .map_err(write_err)?;
@@ -273,8 +243,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             };
             let meta = Meta { last_log_id, last_membership, snapshot_id };
             let meta_json = serde_json::to_vec(&meta).map_err(write_err)?;
-            write_durably(&snapshot_file(&dir), &image.bytes).map_err(write_err)?;
-            write_durably(&meta_file(&dir), &meta_json).map_err(write_err)?;
+            durable_file::write(&snapshot_file(&dir), &image.bytes).map_err(write_err)?;
+            durable_file::write(&meta_file(&dir), &meta_json).map_err(write_err)?;
             Ok((meta, image.bytes, copied_ms, started.elapsed().as_secs_f64() * 1e3 - copied_ms))
         })
         .await?;

@@ -17,7 +17,6 @@
 //! behind it, see `raft::state_machine`). Without a marker (a state written by a version that
 //! synced its checkpoints) or without a boot id (not Linux) the old crash-consistent mode stays.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Where the kernel publishes an id that changes at every boot.
@@ -91,7 +90,8 @@ pub fn prepare(db: &Path, boot: Option<&str>) -> std::io::Result<Prepared> {
         _ => false,
     };
     if recorded.as_deref() != Some(boot) {
-        write_durably(&marker, boot.as_bytes())?;
+        // On disk before the first unsynced write it vouches for.
+        crate::durable_file::write(&marker, boot.as_bytes())?;
     }
     Ok(Prepared { durability: Durability::ThisBoot, discarded })
 }
@@ -115,20 +115,6 @@ fn remove_if_present(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
-}
-
-/// Temp file, fsync, rename, fsync of the directory: the marker must be on disk before the
-/// first unsynced write it vouches for.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("boot.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

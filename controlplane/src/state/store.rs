@@ -183,28 +183,7 @@ impl Store {
     /// Pages are copied, not rebuilt: `VACUUM INTO`, used before, reinserted every row and index
     /// entry, and at 60,000 teams that was a few hundred ms of CPU on every node at once.
     pub fn image(&self) -> Result<StateImage, StateError> {
-        let path = self.path.clone();
-        let image = (move || -> Result<StateImage, rusqlite::Error> {
-            let conn = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-            conn.busy_timeout(std::time::Duration::from_secs(10))?;
-            // Pages read through a memory map: half the CPU of a read() per page.
-            conn.pragma_update(None, "mmap_size", IMAGE_MMAP_BYTES)?;
-            conn.execute_batch("BEGIN")?;
-            let applied = conn
-                .prepare("SELECT key, value FROM raft_applied")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<Vec<(String, String)>, _>>()?;
-            let mut bytes = conn.serialize(rusqlite::DatabaseName::Main)?.to_vec();
-            conn.execute_batch("COMMIT")?;
-            // The file format's read and write versions (bytes 18 and 19): 1, rollback journal,
-            // so a snapshot file opened later does not look for a WAL of its own.
-            if bytes.len() >= 100 {
-                bytes[18] = 1;
-                bytes[19] = 1;
-            }
-            Ok(StateImage { bytes, applied })
-        })();
-        image.map_err(|source| StateError::Writer { path: self.path.clone(), source })
+        read_image(&self.path).map_err(|source| StateError::Writer { path: self.path.clone(), source })
     }
 
     /// Replaces every replicated table's rows with those of the snapshot file `src`, in one
@@ -241,6 +220,28 @@ impl Store {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// [`Store::image`] of the state file at `path`, on a read-only connection of its own.
+fn read_image(path: &Path) -> Result<StateImage, rusqlite::Error> {
+    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Pages read through a memory map: half the CPU of a read() per page.
+    conn.pragma_update(None, "mmap_size", IMAGE_MMAP_BYTES)?;
+    conn.execute_batch("BEGIN")?;
+    let applied = conn
+        .prepare("SELECT key, value FROM raft_applied")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<(String, String)>, _>>()?;
+    let mut bytes = conn.serialize(rusqlite::DatabaseName::Main)?.to_vec();
+    conn.execute_batch("COMMIT")?;
+    // The file format's read and write versions (bytes 18 and 19): 1, rollback journal, so a
+    // snapshot file opened later does not look for a WAL of its own.
+    if bytes.len() >= 100 {
+        bytes[18] = 1;
+        bytes[19] = 1;
+    }
+    Ok(StateImage { bytes, applied })
 }
 
 #[cfg(test)]
