@@ -193,8 +193,15 @@ fn verify_units(repo: &Path, bin_dir: &Path, scratch: &Path) -> Result<()> {
     }
     ensure!(!agent.lines().any(|l| l.starts_with("StateDirectory=")), "a root StateDirectory= would chown PGDATA");
     let cp = std::fs::read_to_string(repo.join("systemd/steward-controlplane.service"))?;
-    for line in ["User=steward", "StateDirectory=steward/controlplane", "NoNewPrivileges=yes", "CapabilityBoundingSet="]
-    {
+    for line in [
+        "User=steward",
+        "StateDirectory=steward/controlplane",
+        "RuntimeDirectory=steward-controlplane",
+        "RuntimeDirectoryPreserve=yes",
+        "Environment=STEWARD_STATE_DIR=/run/steward-controlplane",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+    ] {
         ensure!(cp.lines().any(|l| l.starts_with(line)), "steward-controlplane.service lacks {line}");
     }
     Ok(())

@@ -47,6 +47,9 @@ async fn three_nodes_survive_leader_loss_and_catch_up() -> Result<()> {
     let root = scratch.path();
     let (token_file, admin) = admin_token(root)?;
     let mut nodes: Vec<Node> = (1..=3).map(|id| Node::new(root, id, &token_file, RAFT_ARGS)).collect();
+    // Node 3 keeps its state database apart from its data dir, as packaged nodes do on /run.
+    let state3 = root.join("state-3");
+    nodes[2].args.extend(["--state-dir".to_string(), state3.display().to_string()]);
     let members: Vec<String> = nodes.iter().map(Node::member).collect();
     for n in nodes.iter_mut() {
         for m in &members {
@@ -185,7 +188,7 @@ async fn three_nodes_survive_leader_loss_and_catch_up() -> Result<()> {
 
     // A host reboot under a follower: its state file was written without fsync in the earlier
     // boot, so at start the node discards it and rebuilds it from its snapshot and log.
-    let fo = nodes.iter().position(|n| n.id != new_leader).unwrap_or(li);
+    let fo = nodes.iter().position(|n| n.id != new_leader && n.id != 3).unwrap_or(li);
     let target = status(&nodes[nli].grpc, &admin).await?.last_applied;
     nodes[fo].kill();
     let marker = nodes[fo].dir.join("raft").join("state.db.boot");
@@ -204,6 +207,28 @@ async fn three_nodes_survive_leader_loss_and_catch_up() -> Result<()> {
     ensure!(
         ids.is_superset(&acked),
         "rebooted node misses acknowledged creates: {:?}",
+        acked.difference(&ids).collect::<Vec<_>>()
+    );
+
+    // The same reboot under node 3, whose state lives on tmpfs in production: the reboot empties
+    // its state directory, and the node rebuilds the state from its snapshot and log.
+    let s3 = nodes.iter().position(|n| n.id == 3).unwrap_or(2);
+    ensure!(state3.join("state.db").exists(), "node 3 has no state.db in its --state-dir");
+    ensure!(!nodes[s3].dir.join("raft").join("state.db").exists(), "node 3 wrote state.db into its data dir");
+    let other = nodes.iter().position(|n| n.id != 3).unwrap_or(0);
+    let target = status(&nodes[other].grpc, &admin).await?.last_applied;
+    nodes[s3].kill();
+    std::fs::remove_dir_all(&state3)?;
+    nodes[s3].start()?;
+    wait_for("node 3 to rebuild its state after losing its state directory", Duration::from_secs(60), || async {
+        let s = status(&nodes[s3].grpc, &admin).await?;
+        Ok((s.last_applied >= target).then_some(()))
+    })
+    .await?;
+    let ids = listed_ids(&rest, &nodes[s3], &admin).await?;
+    ensure!(
+        ids.is_superset(&acked),
+        "node 3 misses acknowledged creates after losing its state directory: {:?}",
         acked.difference(&ids).collect::<Vec<_>>()
     );
     host.abort();

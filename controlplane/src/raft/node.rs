@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use openraft::error::RaftError;
 use openraft::{Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
@@ -104,17 +105,21 @@ pub struct RaftNode {
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 impl RaftNode {
-    /// Opens the stores under `dir` and starts openraft.
+    /// Opens the Raft log and snapshots under `dir`, the state database under `state_dir`
+    /// (often the same directory), and starts openraft.
     pub async fn start(
         id: NodeId,
         dir: &Path,
+        state_dir: &Path,
         settings: &RaftSettings,
         tls: Arc<TlsMaterial>,
     ) -> anyhow::Result<Arc<Self>> {
         let peer_tls = tls.client_config(&[Role::ControlPlane])?;
         let agent_tls = tls.client_config(&[Role::Agent])?;
         std::fs::create_dir_all(dir)?;
-        let store = Store::open(dir).await?;
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+        let store = Store::open(state_dir).await?;
         let log = LogStore::open(dir).await?;
         let stats = Arc::new(SmStats::default());
         let sm = StateMachine::new(store.clone(), dir, stats.clone());

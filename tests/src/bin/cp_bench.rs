@@ -104,6 +104,11 @@ struct Args {
     /// request sent on schedule and timed from it), for latency at a given load (0 skips it).
     #[arg(long, default_value_t = 2000)]
     rate: u64,
+    /// Duration of the open-loop write phase, in seconds (default: `--secs`). Long enough to
+    /// hold snapshots (at 2,000/s the nodes build one every ~40 s), its p99 includes them; the
+    /// report lists the snapshots built during each phase.
+    #[arg(long)]
+    open_loop_secs: Option<u64>,
     /// Passed to the nodes (their default is 5000).
     #[arg(long)]
     host_down_after_ms: Option<u64>,
@@ -113,6 +118,10 @@ struct Args {
     /// Passed to the nodes: log entries kept after a snapshot (their default is 1000).
     #[arg(long)]
     keep_logs: Option<u64>,
+    /// Keep the nodes' state databases in their data dirs on disk (the nodes' default) instead
+    /// of on tmpfs under /dev/shm (`--state-dir`, as the packaged unit does with /run).
+    #[arg(long)]
+    state_on_disk: bool,
 }
 
 /// Result of one load phase.
@@ -124,6 +133,10 @@ struct Load {
     lat_ms: Vec<f64>,
     cpu: Vec<(u64, f64)>,
     first_error: Option<String>,
+    /// Snapshots the nodes built during the phase: (node id, seconds into the phase).
+    snapshots: Vec<(u64, f64)>,
+    /// Requests slower than [`SLOW_MS`], by second of the phase (seconds without any left out).
+    slow_by_second: Vec<(u64, u64)>,
 }
 
 impl Load {
@@ -252,7 +265,14 @@ struct Tally {
     lat_ms: Mutex<Vec<f64>>,
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// The phase's start, and for each second of it the requests slower than [`SLOW_MS`]:
+    /// whether slow requests come in bursts (a snapshot, a stalled disk) or everywhere.
+    start: std::sync::OnceLock<Instant>,
+    slow_by_second: Mutex<std::collections::BTreeMap<u64, u64>>,
 }
+
+/// The latency goal at 2,000 writes/s; requests slower than this are counted per second.
+const SLOW_MS: f64 = 20.0;
 
 impl Tally {
     /// Records one request that started (or was due) at `since`.
@@ -261,6 +281,10 @@ impl Tally {
             Ok(true) => {
                 let ms = since.elapsed().as_secs_f64() * 1000.0;
                 self.lat_ms.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
+                if let Some(start) = self.start.get().filter(|_| ms > SLOW_MS) {
+                    let second = since.saturating_duration_since(*start).as_secs();
+                    *self.slow_by_second.lock().unwrap_or_else(|p| p.into_inner()).entry(second).or_default() += 1;
+                }
             }
             Ok(false) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
@@ -276,14 +300,21 @@ impl Tally {
 /// One load phase in progress: its start, the nodes' CPU time at the start, and its tally.
 struct Run {
     start: Instant,
+    start_wall: std::time::SystemTime,
     cpu_before: Vec<(u64, u32, Option<u64>)>,
+    /// Each node's snapshot metadata file, whose modification time says when it built one.
+    snapshot_metas: Vec<(u64, std::path::PathBuf)>,
     tally: Arc<Tally>,
 }
 
 impl Run {
     fn start(nodes: &[Node]) -> Self {
         let cpu_before = pids(nodes).into_iter().map(|(id, p)| (id, p, cpu_ticks(p))).collect();
-        Self { start: Instant::now(), cpu_before, tally: Arc::default() }
+        let snapshot_metas = nodes.iter().map(|n| (n.id, n.dir.join("raft").join("snapshot.meta.json"))).collect();
+        let tally = Arc::new(Tally::default());
+        let start = Instant::now();
+        let _ = tally.start.set(start);
+        Self { start, start_wall: std::time::SystemTime::now(), cpu_before, snapshot_metas, tally }
     }
 
     fn finish(self, name: &str) -> Load {
@@ -297,7 +328,23 @@ impl Run {
         let mut lat_ms = std::mem::take(&mut *self.tally.lat_ms.lock().unwrap_or_else(|p| p.into_inner()));
         lat_ms.sort_by(f64::total_cmp);
         let first_error = self.tally.first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // The last snapshot of each node, if it came during the phase (a node that built two
+        // shows its last one only).
+        let mut snapshots: Vec<(u64, f64)> = self
+            .snapshot_metas
+            .iter()
+            .filter_map(|(id, path)| {
+                let at = std::fs::metadata(path).ok()?.modified().ok()?.duration_since(self.start_wall).ok()?;
+                Some((*id, at.as_secs_f64()))
+            })
+            .collect();
+        snapshots.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let slow_by_second = std::mem::take(&mut *self.tally.slow_by_second.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect();
         Load {
+            slow_by_second,
+            snapshots,
             name: name.into(),
             ok: lat_ms.len() as u64,
             errors: self.tally.errors.load(Ordering::Relaxed),
@@ -405,26 +452,37 @@ async fn main() -> Result<()> {
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut nodes: Vec<Node> = (1..=3).map(|id| Node::new(scratch.path(), id, &token_file, &extra)).collect();
+    // The state databases on tmpfs, removed with this directory at the end.
+    let state_root = tempfile::Builder::new().prefix("cp-bench-state").tempdir_in("/dev/shm")?;
+    if !args.state_on_disk {
+        for n in &mut nodes {
+            n.args.extend(["--state-dir".into(), state_root.path().join(format!("cp-{}", n.id)).display().to_string()]);
+        }
+    }
     let rest = Rest::default();
     start_group(&mut nodes, &rest).await?;
     let li = leader_index(&rest, &nodes).await?;
     let fi = (li + 1) % nodes.len();
     eprintln!("3 nodes up; leader {}, follower used {}", nodes[li].id, nodes[fi].id);
     let mut loads = Vec::new();
-    // (label, node, request, pace): closed loop with `--clients` clients, or open loop at `--rate`.
+    // (label, node, request, pace, secs): closed loop with `--clients` clients, or open loop at
+    // `--rate`.
+    let secs = args.secs;
     let mut phases = vec![
-        ("POST /v1/teams via leader".to_string(), li, Call::CreateTeam { run: 0 }, None),
-        ("POST /v1/teams via follower".to_string(), fi, Call::CreateTeam { run: 1 }, None),
+        ("POST /v1/teams via leader".to_string(), li, Call::CreateTeam { run: 0 }, None, secs),
+        ("POST /v1/teams via follower".to_string(), fi, Call::CreateTeam { run: 1 }, None, secs),
     ];
     if args.rate > 0 {
         let open = |what: &str| format!("{what}, {} req/s open loop", args.rate);
-        phases.push((open("POST /v1/teams via leader"), li, Call::CreateTeam { run: 2 }, Some(args.rate)));
+        let open_secs = args.open_loop_secs.unwrap_or(secs);
+        let label = format!("{} for {open_secs} s", open("POST /v1/teams via leader"));
+        phases.push((label, li, Call::CreateTeam { run: 2 }, Some(args.rate), open_secs));
         // The same schedule without Raft: what the machine and the client add by themselves.
-        phases.push((open("GET /v1/databases on leader"), li, Call::ListDatabases, Some(args.rate)));
+        phases.push((open("GET /v1/databases on leader"), li, Call::ListDatabases, Some(args.rate), secs));
     }
-    phases.push(("GET /v1/databases on leader".to_string(), li, Call::ListDatabases, None));
-    phases.push(("GET /v1/databases on follower".to_string(), fi, Call::ListDatabases, None));
-    for (label, idx, call, rate) in phases {
+    phases.push(("GET /v1/databases on leader".to_string(), li, Call::ListDatabases, None, secs));
+    phases.push(("GET /v1/databases on follower".to_string(), fi, Call::ListDatabases, None, secs));
+    for (label, idx, call, rate, secs) in phases {
         eprintln!("phase: {label}");
         let (rest, token, url) = (rest.clone(), token.clone(), nodes[idx].url(call.path()));
         let op = move |client, seq| {
@@ -432,8 +490,8 @@ async fn main() -> Result<()> {
             async move { call.send(&rest, &url, &token, client, seq).await }
         };
         loads.push(match rate {
-            Some(rate) => paced(&label, &nodes, rate, args.secs, op).await,
-            None => load(&label, &nodes, args.clients, args.secs, op).await,
+            Some(rate) => paced(&label, &nodes, rate, secs, op).await,
+            None => load(&label, &nodes, args.clients, secs, op).await,
         });
     }
     if args.hosts > 0 {
@@ -562,6 +620,25 @@ async fn main() -> Result<()> {
     println!("| --- | --- | --- | --- | --- | --- |");
     for l in &loads {
         println!("{}", l.row());
+    }
+    for l in &loads {
+        let slow: u64 = l.slow_by_second.iter().map(|(_, n)| n).sum();
+        if slow > 0 {
+            let mut worst = l.slow_by_second.clone();
+            worst.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            let worst: Vec<String> = worst.iter().take(8).map(|(s, n)| format!("{n} in second {s}")).collect();
+            println!(
+                "\n{}: {slow} requests over {SLOW_MS} ms ({:.2}%), in {} of its seconds; most: {}",
+                l.name,
+                slow as f64 * 100.0 / (l.ok.max(1)) as f64,
+                l.slow_by_second.len(),
+                worst.join(", ")
+            );
+        }
+        if !l.snapshots.is_empty() {
+            let at: Vec<String> = l.snapshots.iter().map(|(id, s)| format!("node {id} at {s:.1} s")).collect();
+            println!("\nsnapshots built during {}: {}", l.name, at.join(", "));
+        }
     }
     for l in &loads {
         if let Some(e) = &l.first_error {
@@ -1007,6 +1084,12 @@ mod fleet {
     }
 
     /// Bytes of the SQLite database `name` under `dir`, with its `-wal` and `-shm` files.
+    /// The node's `--state-dir`, or its data dir (the state then lives under it, in raft/).
+    fn state_dir(node: &Node) -> std::path::PathBuf {
+        let at = node.args.iter().position(|a| a == "--state-dir");
+        at.and_then(|i| node.args.get(i + 1)).map_or_else(|| node.dir.clone(), std::path::PathBuf::from)
+    }
+
     fn file_bytes(dir: &Path, name: &str) -> u64 {
         steward_tests::benchkit::dir_bytes_where(dir, |f| {
             f.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
@@ -1275,7 +1358,8 @@ mod fleet {
             }
         ));
         for node in nodes.iter() {
-            let [snap, state, log] = ["snapshot.db", "state.db", "raft-log.db"].map(|f| file_bytes(&node.dir, f));
+            let [snap, log] = ["snapshot.db", "raft-log.db"].map(|f| file_bytes(&node.dir, f));
+            let state = file_bytes(&state_dir(node), "state.db");
             out.push(format!(
                 "storage of node {}: snapshot.db {:.1} MiB, state.db {:.1} MiB, raft-log.db {:.1} MiB ({snap} / {state} / \
                  {log} bytes, -wal and -shm files included)",
