@@ -159,12 +159,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if meta.last_log_id <= applied {
             return Ok((applied, membership));
         }
-        tracing::warn!(
-            applied = ?applied,
-            snapshot = ?meta.last_log_id,
-            "the state database is behind the local snapshot (its last transactions were lost in a crash): \
-             restoring it from the snapshot"
-        );
+        if applied.is_none() {
+            // A new state directory: on tmpfs after a reboot, or a state moved with --state-dir.
+            tracing::info!(
+                snapshot = ?meta.last_log_id,
+                "the state database is empty: restoring it from the local snapshot, then replaying the log"
+            );
+        } else {
+            tracing::warn!(
+                applied = ?applied,
+                snapshot = ?meta.last_log_id,
+                "the state database is behind the local snapshot (its last transactions were lost in a crash): \
+                 restoring it from the snapshot"
+            );
+        }
         self.store.replace_from(&snapshot_file(&self.dir)).await.map_err(write_err)?;
         read_applied(&mut conn).await
     }
