@@ -151,6 +151,12 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
 }
 
+/// The Raft directory under a node's data dir: log, snapshots, and the state unless
+/// `--state-dir` puts it elsewhere.
+pub fn raft_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("raft")
+}
+
 /// Parses `ID=GRPC,API`.
 pub fn parse_member(s: &str) -> Result<(NodeId, NodeInfo), ConfigError> {
     let bad = || ConfigError::Invalid(format!("initial member '{s}' must look like 2=10.0.0.2:7400,10.0.0.2:7480"));
@@ -181,7 +187,7 @@ impl NodeArgs {
         }
         let data_dir =
             self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("/var/lib/steward/controlplane"));
-        let state_dir = self.state_dir.or(file.state_dir).unwrap_or_else(|| data_dir.join("raft"));
+        let state_dir = self.state_dir.or(file.state_dir).unwrap_or_else(|| raft_dir(&data_dir));
         let default_grpc: SocketAddr = ([0, 0, 0, 0], 7400).into();
         let default_api: SocketAddr = ([0, 0, 0, 0], 7480).into();
         let grpc_listen = self.grpc_listen.or(file.grpc_listen).unwrap_or(default_grpc);

@@ -56,7 +56,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let cfg = NodeConfig {
         node_id: 1,
         data_dir: data_dir.join("controlplane"),
-        state_dir: data_dir.join("controlplane").join("raft"),
+        state_dir: crate::config::raft_dir(&data_dir.join("controlplane")),
         grpc_listen: grpc,
         api_listen: api,
         advertise: info.clone(),

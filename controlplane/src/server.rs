@@ -82,9 +82,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let admin_token = load_or_create_admin_token(&cfg.admin_token_file)?;
     let admin_token_hash = Arc::new(auth::token_hash(&admin_token));
     let tls = crate::pki::prepare(&cfg).await.context("preparing this node's TLS certificate")?;
-    let node = RaftNode::start(cfg.node_id, &cfg.data_dir.join("raft"), &cfg.state_dir, &cfg.raft, tls.clone())
-        .await
-        .context("starting raft")?;
+    let node =
+        RaftNode::start(cfg.node_id, &crate::config::raft_dir(&cfg.data_dir), &cfg.state_dir, &cfg.raft, tls.clone())
+            .await
+            .context("starting raft")?;
     let ca = Arc::new(crate::pki::CertAuthority::new(tls.dir().clone(), cfg.cert_lifetime));
     let metrics = Arc::new(Metrics::default());
     let liveness = Arc::new(Liveness::default());

@@ -183,7 +183,7 @@ mod tests {
                 }
             }
         }
-        // One node: no waiting beyond its own turn's start.
+        // A single node never waits.
         assert_eq!(turn_wait(5_123, 0, 1, 4_000), 0);
     }
 }

@@ -260,14 +260,13 @@ where
 }
 
 /// Latencies and failures of one load phase, shared by its request tasks.
-#[derive(Default)]
 struct Tally {
     lat_ms: Mutex<Vec<f64>>,
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
     /// The phase's start, and for each second of it the requests slower than [`SLOW_MS`]:
     /// whether slow requests come in bursts (a snapshot, a stalled disk) or everywhere.
-    start: std::sync::OnceLock<Instant>,
+    start: Instant,
     slow_by_second: Mutex<std::collections::BTreeMap<u64, u64>>,
 }
 
@@ -275,14 +274,24 @@ struct Tally {
 const SLOW_MS: f64 = 20.0;
 
 impl Tally {
+    fn new(start: Instant) -> Self {
+        Self {
+            lat_ms: Mutex::default(),
+            errors: AtomicU64::default(),
+            first_error: Mutex::default(),
+            start,
+            slow_by_second: Mutex::default(),
+        }
+    }
+
     /// Records one request that started (or was due) at `since`.
     fn record(&self, since: Instant, outcome: Result<bool>) {
         match outcome {
             Ok(true) => {
                 let ms = since.elapsed().as_secs_f64() * 1000.0;
                 self.lat_ms.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
-                if let Some(start) = self.start.get().filter(|_| ms > SLOW_MS) {
-                    let second = since.saturating_duration_since(*start).as_secs();
+                if ms > SLOW_MS {
+                    let second = since.saturating_duration_since(self.start).as_secs();
                     *self.slow_by_second.lock().unwrap_or_else(|p| p.into_inner()).entry(second).or_default() += 1;
                 }
             }
@@ -311,9 +320,8 @@ impl Run {
     fn start(nodes: &[Node]) -> Self {
         let cpu_before = pids(nodes).into_iter().map(|(id, p)| (id, p, cpu_ticks(p))).collect();
         let snapshot_metas = nodes.iter().map(|n| (n.id, n.dir.join("raft").join("snapshot.meta.json"))).collect();
-        let tally = Arc::new(Tally::default());
         let start = Instant::now();
-        let _ = tally.start.set(start);
+        let tally = Arc::new(Tally::new(start));
         Self { start, start_wall: std::time::SystemTime::now(), cpu_before, snapshot_metas, tally }
     }
 
@@ -453,10 +461,13 @@ async fn main() -> Result<()> {
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut nodes: Vec<Node> = (1..=3).map(|id| Node::new(scratch.path(), id, &token_file, &extra)).collect();
     // The state databases on tmpfs, removed with this directory at the end.
-    let state_root = tempfile::Builder::new().prefix("cp-bench-state").tempdir_in("/dev/shm")?;
-    if !args.state_on_disk {
+    let state_root = match args.state_on_disk {
+        true => None,
+        false => Some(tempfile::Builder::new().prefix("cp-bench-state").tempdir_in("/dev/shm")?),
+    };
+    if let Some(root) = &state_root {
         for n in &mut nodes {
-            n.args.extend(["--state-dir".into(), state_root.path().join(format!("cp-{}", n.id)).display().to_string()]);
+            n.args.extend(["--state-dir".into(), root.path().join(format!("cp-{}", n.id)).display().to_string()]);
         }
     }
     let rest = Rest::default();
@@ -1083,13 +1094,13 @@ mod fleet {
         }
     }
 
-    /// Bytes of the SQLite database `name` under `dir`, with its `-wal` and `-shm` files.
     /// The node's `--state-dir`, or its data dir (the state then lives under it, in raft/).
     fn state_dir(node: &Node) -> std::path::PathBuf {
         let at = node.args.iter().position(|a| a == "--state-dir");
         at.and_then(|i| node.args.get(i + 1)).map_or_else(|| node.dir.clone(), std::path::PathBuf::from)
     }
 
+    /// Bytes of the SQLite database `name` under `dir`, with its `-wal` and `-shm` files.
     fn file_bytes(dir: &Path, name: &str) -> u64 {
         steward_tests::benchkit::dir_bytes_where(dir, |f| {
             f.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
