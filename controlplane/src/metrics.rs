@@ -23,6 +23,9 @@ pub struct Metrics {
     pub databases_created: AtomicU64,
     pub agent_calls_failed: AtomicU64,
     pub failovers: AtomicU64,
+    /// gRPC connections accepted (TLS handshake done): peers, agents and stewardctl keep theirs
+    /// open, so a rate that keeps climbing means some client reconnects per call.
+    pub grpc_connections: AtomicU64,
 }
 
 /// Renders every metric as Prometheus text.
@@ -77,6 +80,11 @@ pub async fn render(node: &RaftNode, m: &Metrics, liveness: &Liveness) -> String
         ("steward_databases_created_total", "Databases accepted for creation.", &m.databases_created),
         ("steward_agent_calls_failed_total", "Commands to agents that failed.", &m.agent_calls_failed),
         ("steward_failovers_total", "Failovers and switchovers this node carried out as leader.", &m.failovers),
+        (
+            "steward_grpc_connections_total",
+            "gRPC connections accepted (mutual TLS handshake completed) from peers, agents and stewardctl.",
+            &m.grpc_connections,
+        ),
     ];
     for (name, help, c) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));

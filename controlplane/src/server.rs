@@ -11,6 +11,7 @@ use steward_proto::v1::operator_server::OperatorServer;
 use steward_proto::v1::raft_server::RaftServer;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
 
 use crate::api::{self, auth, AppState};
 use steward_proto::tls::transport::Gate;
@@ -136,8 +137,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         ));
     let grpc_tls = tls.server_config(true, &[b"h2"])?;
     let rx = stop_rx.clone();
+    let accepted = metrics.clone();
     tasks.spawn(async move {
-        let incoming = steward_proto::tls::transport::incoming(grpc_listener, grpc_tls);
+        let incoming = steward_proto::tls::transport::incoming(grpc_listener, grpc_tls).map(move |conn| {
+            if conn.is_ok() {
+                accepted.grpc_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            conn
+        });
         if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, wait_stop(rx)).await {
             tracing::error!(error = %e, "gRPC server failed");
         }

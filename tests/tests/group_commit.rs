@@ -1,7 +1,8 @@
 //! Group commit and coalesced read-index rounds on a real 3-node control plane: concurrent
 //! writes are batched into fewer log entries yet each keeps its own answer (name conflicts are
 //! still decided one command at a time, also inside one batch), and reads on a follower that
-//! share read-index rounds still see writes acknowledged just before them.
+//! share read-index rounds still see writes acknowledged just before them; the leader's
+//! leadership confirmations reuse its connections to the followers.
 
 use std::time::Duration;
 
@@ -18,7 +19,9 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 async fn concurrent_writes_share_entries_and_reads_see_them() -> Result<()> {
     let scratch = Scratch::new("steward-group-commit-")?;
     let (token_file, admin) = admin_token(scratch.path())?;
-    let mut nodes: Vec<Node> = (1..=3).map(|id| Node::new(scratch.path(), id, &token_file, &[])).collect();
+    // Many calls with one token within a second: above the default per-token rate limit.
+    let fast = ["--rate-limit", "1000"];
+    let mut nodes: Vec<Node> = (1..=3).map(|id| Node::new(scratch.path(), id, &token_file, &fast)).collect();
     let rest = Rest::default();
     start_group(&mut nodes, &rest).await?;
     let leader_id = wait_leader(&rest, &nodes.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await?;
@@ -58,6 +61,36 @@ async fn concurrent_writes_share_entries_and_reads_see_them() -> Result<()> {
     }
     for t in tasks {
         t.await??;
+    }
+
+    // Peers keep their connections: 30 linearizable reads one after another on the leader are 30
+    // leadership confirmations (no coalescing), each a heartbeat to both followers, and they
+    // must travel over the connections the leader already has, not new ones.
+    let connections = |url: String| {
+        let (rest, admin) = (rest.clone(), admin.clone());
+        async move {
+            let (s, v) = rest.get(&url, &admin).await?;
+            ensure!(s == 200, "/metrics: {s}");
+            sample(v.as_str().unwrap_or_default(), "steward_grpc_connections_total")
+                .context("no steward_grpc_connections_total")
+        }
+    };
+    let followers: Vec<&Node> = nodes.iter().filter(|n| n.id != leader_id).collect();
+    let mut before = Vec::new();
+    for f in &followers {
+        before.push(connections(f.url("/metrics")).await?);
+    }
+    for _ in 0..30 {
+        let (s, v) = rest.get(&leader.url("/v1/databases"), &admin).await?;
+        ensure!(s == 200, "GET /v1/databases on the leader: {s} {v}");
+    }
+    for (f, b) in followers.iter().zip(before) {
+        let opened = connections(f.url("/metrics")).await? - b;
+        ensure!(
+            opened <= 2.0,
+            "node {} accepted {opened} gRPC connections during 30 reads on the leader: peers reconnect per call",
+            f.id
+        );
     }
 
     // 40 creates of the same name at once: exactly one wins, whatever batches they land in.

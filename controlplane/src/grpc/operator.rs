@@ -12,7 +12,6 @@ use steward_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::api::auth::token_hash;
-use crate::raft::network::channel;
 use crate::raft::node::RaftNode;
 use crate::raft::NodeInfo;
 use crate::reconcile::liveness::Liveness;
@@ -129,7 +128,7 @@ impl OperatorService {
 
     async fn leader_client(&self) -> Result<OperatorClient<tonic::transport::Channel>, Status> {
         let (_, info) = self.node.leader().ok_or_else(|| Status::unavailable("no leader is known; retry shortly"))?;
-        Ok(OperatorClient::new(channel(&info.grpc_addr, &self.node.peer_tls).map_err(internal)?))
+        Ok(OperatorClient::new(self.node.peers.get(&info.grpc_addr).map_err(internal)?))
     }
 
     fn forwarded<T>(token: &str, msg: T) -> Result<Request<T>, Status> {

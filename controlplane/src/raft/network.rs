@@ -1,6 +1,8 @@
 //! Client side of the Raft transport: openraft's RPCs sent over tonic to the peer's `Raft`
 //! service, JSON-encoded, with the deadline openraft asks for.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -14,25 +16,56 @@ use std::sync::Arc;
 use steward_proto::v1::raft_client::RaftClient;
 use steward_proto::v1::RaftPayload;
 
+use steward_proto::tls::transport::{channel_with_keepalive, KeepAlive};
 use steward_proto::tls::TlsError;
 use tonic::transport::Channel;
 
 use super::{NodeId, NodeInfo, TypeConfig};
 
-/// Builds a lazily connecting mutual-TLS channel to a control-plane node's gRPC endpoint.
-pub fn channel(addr: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Channel, TlsError> {
-    steward_proto::tls::transport::channel(addr, tls.clone(), Duration::from_millis(500))
+/// One gRPC channel per control-plane peer address, shared by everything that talks to peers:
+/// openraft's replication streams, votes and leadership checks, forwarded writes, read-index
+/// calls and forwarded operator calls. A channel multiplexes calls over one HTTP/2 connection
+/// and reconnects by itself, so a new mutual-TLS handshake is paid once per peer rather than
+/// per call: openraft asks for a new client at every leadership check, which under load was
+/// hundreds of handshakes a second on the leader.
+#[derive(Clone)]
+pub struct PeerChannels {
+    tls: Arc<rustls::ClientConfig>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+/// Peer connections ping every second and are dropped when a ping goes unanswered for two, so a
+/// connection left on a dead link (a partition, a host that vanished) is replaced within about
+/// three seconds instead of waiting out TCP's retransmission backoff.
+const PEER_KEEPALIVE: KeepAlive =
+    KeepAlive { interval: Duration::from_secs(1), timeout: Duration::from_secs(2), while_idle: true };
+
+impl PeerChannels {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        Self { tls, channels: Arc::new(Mutex::new(HashMap::new())) }
+    }
+
+    /// The channel to `addr`, created (lazily connecting) on first use.
+    pub fn get(&self, addr: &str) -> Result<Channel, TlsError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = channel_with_keepalive(addr, self.tls.clone(), Duration::from_millis(500), PEER_KEEPALIVE)?;
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
 }
 
 /// Creates one [`Network`] per peer.
 #[derive(Clone)]
 pub struct NetworkFactory {
-    tls: Arc<rustls::ClientConfig>,
+    channels: PeerChannels,
 }
 
 impl NetworkFactory {
-    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
-        Self { tls }
+    pub fn new(channels: PeerChannels) -> Self {
+        Self { channels }
     }
 }
 
@@ -40,7 +73,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Network;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
-        Network { target, client: channel(&node.grpc_addr, &self.tls).map(RaftClient::new).map_err(|e| e.to_string()) }
+        Network { target, client: self.channels.get(&node.grpc_addr).map(RaftClient::new).map_err(|e| e.to_string()) }
     }
 }
 

@@ -2,7 +2,7 @@
 //! `write` (proposed locally when leading, otherwise forwarded to the leader over gRPC) and
 //! `linearizable_read` (leader lease check, or the leader's read index on a follower).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,14 +13,12 @@ use openraft::{Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use steward_proto::v1::raft_client::RaftClient;
 use steward_proto::v1::RaftPayload;
-use tokio::sync::Mutex;
-use tonic::transport::Channel;
 
 use super::log_store::LogStore;
 use steward_proto::tls::{Role, TlsMaterial};
 
 use super::group_commit::GroupCommit;
-use super::network::{channel, NetworkFactory};
+use super::network::{NetworkFactory, PeerChannels};
 use super::read_index::Coalescer;
 use super::snapshot_policy;
 use super::state_machine::{snapshot_file, SmStats, StateMachine};
@@ -88,11 +86,10 @@ pub struct RaftNode {
     pub stats: Arc<SmStats>,
     /// This node's certificate and trust; client configs below present it.
     pub tls: Arc<TlsMaterial>,
-    /// Client TLS towards other control-plane nodes (they must present a control-plane certificate).
-    pub peer_tls: Arc<rustls::ClientConfig>,
+    /// Channels to the other control-plane nodes (they must present a control-plane certificate).
+    pub peers: PeerChannels,
     /// Client TLS towards agents (they must present an agent certificate).
     pub agent_tls: Arc<rustls::ClientConfig>,
-    peers: Mutex<HashMap<String, RaftClient<Channel>>>,
     /// Batches this node's proposals while it leads.
     pub proposals: GroupCommit,
     /// Leadership confirmations shared by concurrent linearizable reads (leader side).
@@ -136,7 +133,8 @@ impl RaftNode {
             ..Default::default()
         };
         let config = Arc::new(config.validate()?);
-        let raft = Raft::new(id, config, NetworkFactory::new(peer_tls.clone()), log.clone(), sm).await?;
+        let peers = PeerChannels::new(peer_tls);
+        let raft = Raft::new(id, config, NetworkFactory::new(peers.clone()), log.clone(), sm).await?;
         let proposals = GroupCommit::start(raft.clone());
         snapshot_policy::start(raft.clone(), settings.snapshot_logs, log.appended_bytes(), snapshot_file(dir));
         Ok(Arc::new(Self {
@@ -146,9 +144,8 @@ impl RaftNode {
             log,
             stats,
             tls,
-            peer_tls,
+            peers,
             agent_tls,
-            peers: Mutex::new(HashMap::new()),
             proposals,
             leader_rounds: Coalescer::default(),
             follower_rounds: Coalescer::default(),
@@ -223,14 +220,8 @@ impl RaftNode {
         }
     }
 
-    async fn peer(&self, addr: &str) -> Result<RaftClient<Channel>, RaftApiError> {
-        let mut peers = self.peers.lock().await;
-        if let Some(c) = peers.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = RaftClient::new(channel(addr, &self.peer_tls).map_err(|e| RaftApiError::Raft(e.to_string()))?);
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
+    fn peer(&self, addr: &str) -> Result<RaftClient<tonic::transport::Channel>, RaftApiError> {
+        self.peers.get(addr).map(RaftClient::new).map_err(|e| RaftApiError::Raft(e.to_string()))
     }
 
     async fn forward_write(
@@ -239,7 +230,7 @@ impl RaftNode {
         node: &NodeInfo,
         cmd: &Command,
     ) -> Result<ForwardReply, RaftApiError> {
-        let mut client = self.peer(&node.grpc_addr).await?;
+        let mut client = self.peer(&node.grpc_addr)?;
         let json = serde_json::to_vec(cmd).map_err(|e| RaftApiError::Raft(e.to_string()))?;
         let mut req = tonic::Request::new(RaftPayload { json });
         req.set_timeout(LEADER_WAIT);
@@ -270,7 +261,7 @@ impl RaftNode {
 
     /// Asks the leader at `addr` for its read index, sharing the call with concurrent readers.
     async fn read_index_remote(&self, leader: NodeId, addr: &str) -> Result<ReadIndexReply, RaftApiError> {
-        let client = self.peer(addr).await?;
+        let client = self.peer(addr)?;
         let round = move || -> futures::future::BoxFuture<'static, ReadIndexReply> {
             let mut client = client.clone();
             Box::pin(async move {

@@ -556,6 +556,22 @@ pub(crate) fn server_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
         .map_err(|_| TlsError::Invalid(format!("'{addr}' has no valid host name")))
 }
 
+/// How an idle or stuck connection is noticed: HTTP/2 pings every `interval`, and the connection
+/// is dropped (the channel reconnects on its next call) when one is not answered within `timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepAlive {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Ping even while no call is open (for long-lived channels that must not sit on a dead link).
+    pub while_idle: bool,
+}
+
+impl Default for KeepAlive {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(5), timeout: Duration::from_secs(10), while_idle: false }
+    }
+}
+
 /// A lazily connecting gRPC channel to `addr` (host:port; an `https://` or `http://` prefix is
 /// ignored) over TLS with `config`.
 pub fn channel(
@@ -563,12 +579,23 @@ pub fn channel(
     config: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
 ) -> Result<tonic::transport::Channel, TlsError> {
+    channel_with_keepalive(addr, config, connect_timeout, KeepAlive::default())
+}
+
+/// [`channel`] with its own keep-alive settings.
+pub fn channel_with_keepalive(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+    keepalive: KeepAlive,
+) -> Result<tonic::transport::Channel, TlsError> {
     let addr = addr.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/').to_string();
     let name = server_name(&addr)?;
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| TlsError::Invalid(format!("address '{addr}': {e}")))?
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .http2_keep_alive_interval(keepalive.interval)
+        .keep_alive_timeout(keepalive.timeout)
+        .keep_alive_while_idle(keepalive.while_idle);
     let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
         let config = config.clone();
         let name = name.clone();
