@@ -89,8 +89,10 @@ pub struct Host {
     pub tls: Arc<steward_proto::tls::TlsMaterial>,
     /// Client TLS towards control-plane nodes.
     pub cp_tls: Arc<rustls::ClientConfig>,
-    /// Client TLS towards other agents (peer lease checks).
-    pub peer_tls: Arc<rustls::ClientConfig>,
+    /// Channels to other agents (peer lease checks, every monitor tick), kept open: a new
+    /// mutual-TLS connection per check cost a handshake five times a second per standby, inside
+    /// the check's 300 ms deadline.
+    pub peers: steward_proto::tls::transport::Channels,
 }
 
 /// Slot name of a member on its primary.
@@ -113,10 +115,15 @@ impl Host {
         use steward_proto::tls::Role;
         let cp_tls = tls.client_config(&[Role::ControlPlane])?;
         let peer_tls = tls.client_config(&[Role::Agent])?;
+        let peers = steward_proto::tls::transport::Channels::new(
+            peer_tls,
+            std::time::Duration::from_millis(300),
+            steward_proto::tls::transport::KeepAlive::PEER,
+        );
         Ok(Self {
             tls,
             cp_tls,
-            peer_tls,
+            peers,
             cfg,
             run_as,
             archiving,

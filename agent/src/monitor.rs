@@ -246,8 +246,7 @@ async fn refresh_peer_lease(host: Arc<Host>, id: String, rec: ClusterRecord) {
     let mut all = true;
     for peer in &rec.peer_agents {
         let granted = async {
-            let ch =
-                steward_proto::tls::transport::channel(peer, host.peer_tls.clone(), Duration::from_millis(300)).ok()?;
+            let ch = host.peers.get(peer).ok()?;
             let mut req = tonic::Request::new(PeerLeaseRequest {
                 cluster_id: id.clone(),
                 epoch: rec.epoch,

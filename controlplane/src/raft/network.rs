@@ -1,8 +1,6 @@
 //! Client side of the Raft transport: openraft's RPCs sent over tonic to the peer's `Raft`
 //! service, JSON-encoded, with the deadline openraft asks for.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -16,46 +14,21 @@ use std::sync::Arc;
 use steward_proto::v1::raft_client::RaftClient;
 use steward_proto::v1::RaftPayload;
 
-use steward_proto::tls::transport::{channel_with_keepalive, KeepAlive};
-use steward_proto::tls::TlsError;
+use steward_proto::tls::transport::{Channels, KeepAlive};
 use tonic::transport::Channel;
 
 use super::{NodeId, NodeInfo, TypeConfig};
 
-/// One gRPC channel per control-plane peer address, shared by everything that talks to peers:
+/// One channel per control-plane peer address, shared by everything that talks to peers:
 /// openraft's replication streams, votes and leadership checks, forwarded writes, read-index
-/// calls and forwarded operator calls. A channel multiplexes calls over one HTTP/2 connection
-/// and reconnects by itself, so a new mutual-TLS handshake is paid once per peer rather than
-/// per call: openraft asks for a new client at every leadership check, which under load was
-/// hundreds of handshakes a second on the leader.
-#[derive(Clone)]
-pub struct PeerChannels {
-    tls: Arc<rustls::ClientConfig>,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+/// calls and forwarded operator calls. openraft asks for a new client at every leadership
+/// check; with a connection each, that was two TLS handshakes per linearizable read round.
+pub fn peer_channels(tls: Arc<rustls::ClientConfig>) -> PeerChannels {
+    Channels::new(tls, Duration::from_millis(500), KeepAlive::PEER)
 }
 
-/// Peer connections ping every second and are dropped when a ping goes unanswered for two, so a
-/// connection left on a dead link (a partition, a host that vanished) is replaced within about
-/// three seconds instead of waiting out TCP's retransmission backoff.
-const PEER_KEEPALIVE: KeepAlive =
-    KeepAlive { interval: Duration::from_secs(1), timeout: Duration::from_secs(2), while_idle: true };
-
-impl PeerChannels {
-    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
-        Self { tls, channels: Arc::new(Mutex::new(HashMap::new())) }
-    }
-
-    /// The channel to `addr`, created (lazily connecting) on first use.
-    pub fn get(&self, addr: &str) -> Result<Channel, TlsError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = channel_with_keepalive(addr, self.tls.clone(), Duration::from_millis(500), PEER_KEEPALIVE)?;
-        channels.insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
-}
+/// Channels to the other control-plane nodes.
+pub type PeerChannels = Channels;
 
 /// Creates one [`Network`] per peer.
 #[derive(Clone)]

@@ -18,7 +18,7 @@ use super::log_store::LogStore;
 use steward_proto::tls::{Role, TlsMaterial};
 
 use super::group_commit::GroupCommit;
-use super::network::{NetworkFactory, PeerChannels};
+use super::network::{peer_channels, NetworkFactory, PeerChannels};
 use super::read_index::Coalescer;
 use super::snapshot_policy;
 use super::state_machine::{snapshot_file, SmStats, StateMachine};
@@ -133,7 +133,7 @@ impl RaftNode {
             ..Default::default()
         };
         let config = Arc::new(config.validate()?);
-        let peers = PeerChannels::new(peer_tls);
+        let peers = peer_channels(peer_tls);
         let raft = Raft::new(id, config, NetworkFactory::new(peers.clone()), log.clone(), sm).await?;
         let proposals = GroupCommit::start(raft.clone());
         snapshot_policy::start(raft.clone(), settings.snapshot_logs, log.appended_bytes(), snapshot_file(dir));

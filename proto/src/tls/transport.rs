@@ -572,6 +572,15 @@ impl Default for KeepAlive {
     }
 }
 
+impl KeepAlive {
+    /// For channels between peers that must notice a dead link quickly: a ping every second,
+    /// the connection dropped when one goes unanswered for two, so a connection left on a dead
+    /// link (a partition, a host that vanished) is replaced within about three seconds instead
+    /// of waiting out TCP's retransmission backoff.
+    pub const PEER: KeepAlive =
+        KeepAlive { interval: Duration::from_secs(1), timeout: Duration::from_secs(2), while_idle: true };
+}
+
 /// A lazily connecting gRPC channel to `addr` (host:port; an `https://` or `http://` prefix is
 /// ignored) over TLS with `config`.
 pub fn channel(
@@ -580,6 +589,35 @@ pub fn channel(
     connect_timeout: Duration,
 ) -> Result<tonic::transport::Channel, TlsError> {
     channel_with_keepalive(addr, config, connect_timeout, KeepAlive::default())
+}
+
+/// Lazily connecting channels by address, one per address, shared by every caller. A channel
+/// multiplexes calls over one HTTP/2 connection and reconnects by itself, so the mutual-TLS
+/// handshake is paid once per peer rather than once per call (a handshake per call costs both
+/// sides CPU and eats into short call deadlines).
+#[derive(Clone)]
+pub struct Channels {
+    config: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+    keepalive: KeepAlive,
+    channels: Arc<std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>>,
+}
+
+impl Channels {
+    pub fn new(config: Arc<rustls::ClientConfig>, connect_timeout: Duration, keepalive: KeepAlive) -> Self {
+        Self { config, connect_timeout, keepalive, channels: Arc::default() }
+    }
+
+    /// The channel to `addr`, created on first use.
+    pub fn get(&self, addr: &str) -> Result<tonic::transport::Channel, TlsError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = channel_with_keepalive(addr, self.config.clone(), self.connect_timeout, self.keepalive)?;
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
 }
 
 /// [`channel`] with its own keep-alive settings.
