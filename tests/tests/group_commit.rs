@@ -10,9 +10,15 @@ use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use steward_tests::{admin_token, start_group, wait_leader, Node, Rest, Scratch};
 
-/// Value of an unlabelled sample in Prometheus text.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+/// Value of the unlabelled sample `name` on `node`'s `/metrics`.
+async fn metric(rest: &Rest, node: &Node, token: &str, name: &str) -> Result<f64> {
+    let (s, v) = rest.get(&node.url("/metrics"), token).await?;
+    ensure!(s == 200, "/metrics of node {}: {s}", node.id);
+    v.as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("node {} exports no {name}", node.id))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,16 +35,11 @@ async fn concurrent_writes_share_entries_and_reads_see_them() -> Result<()> {
     let follower = &nodes[(li + 1) % nodes.len()];
     let leader = &nodes[li];
 
-    let metrics = |rest: Rest, url: String, admin: String| async move {
-        let (s, v) = rest.get(&url, &admin).await?;
-        ensure!(s == 200, "/metrics: {s}");
-        let text = v.as_str().unwrap_or_default().to_string();
-        let p = sample(&text, "steward_raft_proposals_total").context("no steward_raft_proposals_total")?;
-        let e =
-            sample(&text, "steward_raft_proposal_entries_total").context("no steward_raft_proposal_entries_total")?;
-        Ok::<_, anyhow::Error>((p, e))
-    };
-    let (p0, e0) = metrics(rest.clone(), leader.url("/metrics"), admin.clone()).await?;
+    const PROPOSALS: &str = "steward_raft_proposals_total";
+    const ENTRIES: &str = "steward_raft_proposal_entries_total";
+    const CONNECTIONS: &str = "steward_grpc_connections_total";
+    let p0 = metric(&rest, leader, &admin, PROPOSALS).await?;
+    let e0 = metric(&rest, leader, &admin, ENTRIES).await?;
 
     // 120 distinct teams at once, half through the leader and half through the follower (which
     // forwards); each created team's token is then used at once on the follower, whose
@@ -66,26 +67,17 @@ async fn concurrent_writes_share_entries_and_reads_see_them() -> Result<()> {
     // Peers keep their connections: 30 linearizable reads one after another on the leader are 30
     // leadership confirmations (no coalescing), each a heartbeat to both followers, and they
     // must travel over the connections the leader already has, not new ones.
-    let connections = |url: String| {
-        let (rest, admin) = (rest.clone(), admin.clone());
-        async move {
-            let (s, v) = rest.get(&url, &admin).await?;
-            ensure!(s == 200, "/metrics: {s}");
-            sample(v.as_str().unwrap_or_default(), "steward_grpc_connections_total")
-                .context("no steward_grpc_connections_total")
-        }
-    };
     let followers: Vec<&Node> = nodes.iter().filter(|n| n.id != leader_id).collect();
     let mut before = Vec::new();
     for f in &followers {
-        before.push(connections(f.url("/metrics")).await?);
+        before.push(metric(&rest, f, &admin, CONNECTIONS).await?);
     }
     for _ in 0..30 {
         let (s, v) = rest.get(&leader.url("/v1/databases"), &admin).await?;
         ensure!(s == 200, "GET /v1/databases on the leader: {s} {v}");
     }
     for (f, b) in followers.iter().zip(before) {
-        let opened = connections(f.url("/metrics")).await? - b;
+        let opened = metric(&rest, f, &admin, CONNECTIONS).await? - b;
         ensure!(
             opened <= 2.0,
             "node {} accepted {opened} gRPC connections during 30 reads on the leader: peers reconnect per call",
@@ -112,7 +104,8 @@ async fn concurrent_writes_share_entries_and_reads_see_them() -> Result<()> {
     }
     ensure!(created == 1, "{created} of 40 concurrent creates of one name succeeded; exactly 1 must");
 
-    let (p1, e1) = metrics(rest.clone(), leader.url("/metrics"), admin.clone()).await?;
+    let p1 = metric(&rest, leader, &admin, PROPOSALS).await?;
+    let e1 = metric(&rest, leader, &admin, ENTRIES).await?;
     let (proposals, entries) = (p1 - p0, e1 - e0);
     println!("{proposals} proposals in {entries} log entries");
     ensure!(proposals >= 160.0, "the leader counted {proposals} proposals for 160 creates");

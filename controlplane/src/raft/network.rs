@@ -23,21 +23,18 @@ use super::{NodeId, NodeInfo, TypeConfig};
 /// openraft's replication streams, votes and leadership checks, forwarded writes, read-index
 /// calls and forwarded operator calls. openraft asks for a new client at every leadership
 /// check; with a connection each, that was two TLS handshakes per linearizable read round.
-pub fn peer_channels(tls: Arc<rustls::ClientConfig>) -> PeerChannels {
+pub fn peer_channels(tls: Arc<rustls::ClientConfig>) -> Channels {
     Channels::new(tls, Duration::from_millis(500), KeepAlive::PEER)
 }
-
-/// Channels to the other control-plane nodes.
-pub type PeerChannels = Channels;
 
 /// Creates one [`Network`] per peer.
 #[derive(Clone)]
 pub struct NetworkFactory {
-    channels: PeerChannels,
+    channels: Channels,
 }
 
 impl NetworkFactory {
-    pub fn new(channels: PeerChannels) -> Self {
+    pub fn new(channels: Channels) -> Self {
         Self { channels }
     }
 }

@@ -18,12 +18,13 @@ use super::log_store::LogStore;
 use steward_proto::tls::{Role, TlsMaterial};
 
 use super::group_commit::GroupCommit;
-use super::network::{peer_channels, NetworkFactory, PeerChannels};
+use super::network::{peer_channels, NetworkFactory};
 use super::read_index::Coalescer;
 use super::snapshot_policy;
 use super::state_machine::{snapshot_file, SmStats, StateMachine};
 use super::{NodeId, NodeInfo, Raft};
 use crate::state::{Command, Response, Store};
+use steward_proto::tls::transport::Channels;
 
 /// Why a write or a linearizable read could not be served. Maps to HTTP 503 / gRPC UNAVAILABLE:
 /// the client may retry.
@@ -87,7 +88,7 @@ pub struct RaftNode {
     /// This node's certificate and trust; client configs below present it.
     pub tls: Arc<TlsMaterial>,
     /// Channels to the other control-plane nodes (they must present a control-plane certificate).
-    pub peers: PeerChannels,
+    pub peers: Channels,
     /// Client TLS towards agents (they must present an agent certificate).
     pub agent_tls: Arc<rustls::ClientConfig>,
     /// Batches this node's proposals while it leads.
