@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::auth::{caller, new_token, require_admin, token_hash};
+use super::auth::{caller, new_token, new_token_id, require_admin, token_hash};
 use super::error::ApiError;
 use super::validate::{team_name, NewTeam};
 use super::AppState;
@@ -28,7 +28,7 @@ pub async fn create(
         token_hash: token_hash(&token),
         at: crate::now(),
         actor: who.actor(),
-        token_id: Some(uuid::Uuid::new_v4().simple().to_string()),
+        token_id: Some(new_token_id()),
     };
     match state.node.write(cmd).await? {
         Response::Done => {

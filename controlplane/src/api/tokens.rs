@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::auth::{caller, new_token, require_admin, token_hash};
+use super::auth::{caller, new_token, new_token_id, require_admin, token_hash};
 use super::error::ApiError;
 use super::AppState;
 use crate::state::model::{token_scope, Token};
@@ -64,7 +64,7 @@ pub async fn create(
     };
     let secret = new_token(prefix);
     let token = Token {
-        id: uuid::Uuid::new_v4().simple().to_string(),
+        id: new_token_id(),
         hash: token_hash(&secret),
         scope: req.scope.clone(),
         team,

@@ -267,13 +267,20 @@ pub struct AuditEntry {
     pub outcome: String,
 }
 
+/// The audit log about one target, newest first. Its own statement, not one shared with
+/// [`AUDIT_ALL`] through `(?1 IS NULL OR target = ?1)`: SQLite plans a statement before it sees
+/// its parameters, and for that form it plans a scan of the whole log instead of `audit_target`.
+const AUDIT_OF_TARGET: &str = "SELECT * FROM audit WHERE target = ? ORDER BY seq DESC LIMIT ?";
+
+/// The whole audit log, newest first.
+const AUDIT_ALL: &str = "SELECT * FROM audit ORDER BY seq DESC LIMIT ?";
+
 /// Audit entries, newest first: about one target, or all; at most `limit`.
 pub async fn audit(pool: &SqlitePool, target: Option<&str>, limit: i64) -> Result<Vec<AuditEntry>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM audit WHERE (?1 IS NULL OR target = ?1) ORDER BY seq DESC LIMIT ?2")
-        .bind(target)
-        .bind(limit)
-        .fetch_all(pool)
-        .await
+    match target {
+        Some(t) => sqlx::query_as(AUDIT_OF_TARGET).bind(t).bind(limit).fetch_all(pool).await,
+        None => sqlx::query_as(AUDIT_ALL).bind(limit).fetch_all(pool).await,
+    }
 }
 
 /// Deleted databases whose archive is still in the repository, deleted before `before`
@@ -332,4 +339,48 @@ pub async fn live_databases_on_host(pool: &SqlitePool, host_id: &str) -> Result<
     .bind(host_id)
     .fetch_all(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Store;
+
+    async fn plan(pool: &SqlitePool, sql: &str) -> String {
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}")).bind("x").bind(10).fetch_all(pool).await.unwrap();
+        rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("; ")
+    }
+
+    #[tokio::test]
+    async fn the_audit_of_one_target_is_read_through_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let p = plan(store.pool(), AUDIT_OF_TARGET).await;
+        assert!(p.contains("USING INDEX audit_target"), "plan: {p}");
+        // The all-targets form reads the log backwards by its key, no sort.
+        let p = plan(store.pool(), AUDIT_ALL).await;
+        assert!(!p.contains("TEMP B-TREE"), "plan: {p}");
+    }
+
+    /// Columns of `table` under a UNIQUE index (its primary key's included).
+    async fn unique_columns(pool: &SqlitePool, table: &str) -> Vec<String> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT ii.name FROM pragma_index_list(?1) AS il, pragma_index_info(il.name) AS ii
+             WHERE il.\"unique\" = 1 ORDER BY ii.name",
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        rows.into_iter().map(|r| r.0).collect()
+    }
+
+    #[tokio::test]
+    async fn a_team_token_hash_is_unique_through_tokens_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        assert_eq!(unique_columns(store.pool(), "teams").await, ["name"]);
+        assert_eq!(unique_columns(store.pool(), "tokens").await, ["hash", "id"]);
+    }
 }
