@@ -262,6 +262,58 @@ mod tests {
         assert_eq!(names, vec![("t1".to_string(),)]);
     }
 
+    /// A state written before migration 0008 (which rebuilt `teams`) keeps its teams and the
+    /// databases that reference them when a node upgrades, and a snapshot taken before it still
+    /// installs on an upgraded node.
+    #[tokio::test]
+    async fn a_state_from_before_the_teams_rebuild_upgrades_and_its_snapshots_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old").tap_create();
+        let path = old.join("state.db");
+        {
+            let pool = SqlitePoolOptions::new().connect_with(durable_options(&path).unwrap()).await.unwrap();
+            let before = sqlx::migrate::Migrator {
+                migrations: MIGRATOR.migrations.iter().filter(|m| m.version < 8).cloned().collect(),
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            before.run(&pool).await.unwrap();
+            for sql in [
+                "INSERT INTO teams VALUES ('shop', 'c', 'h1', 't0')",
+                "INSERT INTO databases (id, name, owner, purpose, plan, availability, backup_retention_days,
+                     state, cluster_id, pg_name, role_name, password, created_at, updated_at)
+                 VALUES ('d1', 'orders', 'shop', 'p', 'small', 'single', 7, 'active', 'c1', 'orders',
+                     'orders', 'pw', 't0', 't0')",
+            ] {
+                sqlx::query(sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let snapshot = dir.path().join("before-0008.db");
+        std::fs::write(&snapshot, read_image(&path).unwrap().bytes).unwrap();
+
+        let upgraded = Store::open(&old).await.unwrap();
+        let teams: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, token_hash FROM teams").fetch_all(upgraded.pool()).await.unwrap();
+        assert_eq!(teams, [("shop".to_string(), "h1".to_string())]);
+        let dangling: Vec<(String, i64, String, i64)> =
+            sqlx::query_as("SELECT * FROM pragma_foreign_key_check('databases') WHERE \"parent\" = 'teams'")
+                .fetch_all(upgraded.pool())
+                .await
+                .unwrap();
+        assert!(dangling.is_empty(), "databases lost their owner team: {dangling:?}");
+        let (ok,): (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(upgraded.pool()).await.unwrap();
+        assert_eq!(ok, "ok");
+
+        let fresh = Store::open(&dir.path().join("new").tap_create()).await.unwrap();
+        fresh.replace_from(&snapshot).await.unwrap();
+        let owners: Vec<(String, String)> =
+            sqlx::query_as("SELECT d.name, t.name FROM databases d JOIN teams t ON t.name = d.owner")
+                .fetch_all(fresh.pool())
+                .await
+                .unwrap();
+        assert_eq!(owners, [("orders".to_string(), "shop".to_string())]);
+    }
+
     trait TapCreate {
         fn tap_create(self) -> Self;
     }
