@@ -18,9 +18,14 @@ use crate::state::{Command, Response};
 /// transaction.
 const MAX_BATCH: usize = 256;
 
-/// Entries proposed and not yet answered at once. While all are in flight, new proposals wait
-/// and form the next batch; more than one keeps appends and replication overlapping.
-const MAX_IN_FLIGHT: usize = 4;
+/// Entries proposed and not yet answered at once. While it is in flight, new proposals wait and
+/// form the next batch. One, because the cost of a write is per entry (an fsync on every node, an
+/// AppendEntries to each follower, an apply transaction on every node), not per command: with
+/// four in flight a 2,000 writes/s load made 1,070-1,250 entries/s of 1.6-1.9 commands each,
+/// with one 530-590 entries/s of 3.4-3.8, and REST p99 at that load fell from 12.6-18.1 ms to
+/// 7.7-9.0 ms while closed-loop writes/s rose by a sixth (docs/benchmarks.md, round 7).
+/// openraft's core handles entries one at a time anyway, so more in flight bought little overlap.
+const MAX_IN_FLIGHT: usize = 1;
 
 /// Proposals waiting in the queue before `propose` pushes back (the REST layer's own limits and
 /// timeouts keep it far below this in practice).

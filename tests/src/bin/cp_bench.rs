@@ -137,6 +137,9 @@ struct Load {
     snapshots: Vec<(u64, f64)>,
     /// Requests slower than [`SLOW_MS`], by second of the phase (seconds without any left out).
     slow_by_second: Vec<(u64, u64)>,
+    /// Write phases: the log entries the leader's group commit proposed during the phase and
+    /// the commands in them (from its `/metrics`), i.e. how well writes were batched.
+    batching: Option<(u64, u64)>,
 }
 
 impl Load {
@@ -353,6 +356,7 @@ impl Run {
         Load {
             slow_by_second,
             snapshots,
+            batching: None,
             name: name.into(),
             ok: lat_ms.len() as u64,
             errors: self.tally.errors.load(Ordering::Relaxed),
@@ -362,6 +366,20 @@ impl Run {
             first_error,
         }
     }
+}
+
+/// The group-commit counters on `node`'s `/metrics`: (log entries proposed, commands in them).
+/// `None` when the node does not answer; the report then leaves batching out.
+async fn group_commit_counts(rest: &Rest, node: &Node) -> Option<(u64, u64)> {
+    let (status, body) = rest.send(reqwest::Method::GET, &node.url("/metrics"), None, None).await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    let text = body.as_str()?;
+    let value = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
+    };
+    Some((value("steward_raft_proposal_entries_total")?, value("steward_raft_proposals_total")?))
 }
 
 /// The leader's index in `nodes` (all agreeing).
@@ -495,15 +513,21 @@ async fn main() -> Result<()> {
     phases.push(("GET /v1/databases on follower".to_string(), fi, Call::ListDatabases, None, secs));
     for (label, idx, call, rate, secs) in phases {
         eprintln!("phase: {label}");
-        let (rest, token, url) = (rest.clone(), token.clone(), nodes[idx].url(call.path()));
+        let (rest2, token, url) = (rest.clone(), token.clone(), nodes[idx].url(call.path()));
         let op = move |client, seq| {
-            let (rest, token, url) = (rest.clone(), token.clone(), url.clone());
+            let (rest, token, url) = (rest2.clone(), token.clone(), url.clone());
             async move { call.send(&rest, &url, &token, client, seq).await }
         };
-        loads.push(match rate {
+        let writes = matches!(call, Call::CreateTeam { .. });
+        let before = if writes { group_commit_counts(&rest, &nodes[li]).await } else { None };
+        let mut l = match rate {
             Some(rate) => paced(&label, &nodes, rate, secs, op).await,
             None => load(&label, &nodes, args.clients, secs, op).await,
-        });
+        };
+        if let (Some(b), Some(a)) = (before, group_commit_counts(&rest, &nodes[li]).await) {
+            l.batching = Some((a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)));
+        }
+        loads.push(l);
     }
     if args.hosts > 0 {
         let grpc: Vec<String> = nodes.iter().map(|n| n.grpc.clone()).collect();
@@ -644,6 +668,14 @@ async fn main() -> Result<()> {
                 slow as f64 * 100.0 / (l.ok.max(1)) as f64,
                 l.slow_by_second.len(),
                 worst.join(", ")
+            );
+        }
+        if let Some((entries, commands)) = l.batching.filter(|(e, _)| *e > 0) {
+            println!(
+                "\ngroup commit during {}: {entries} log entries ({:.0}/s), {:.1} commands per entry",
+                l.name,
+                entries as f64 / l.secs,
+                commands as f64 / entries as f64
             );
         }
         if !l.snapshots.is_empty() {
