@@ -376,9 +376,8 @@ async fn group_commit_counts(rest: &Rest, node: &Node) -> Option<(u64, u64)> {
         return None;
     }
     let text = body.as_str()?;
-    let value = |name: &str| {
-        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
-    };
+    let value =
+        |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok());
     Some((value("steward_raft_proposal_entries_total")?, value("steward_raft_proposals_total")?))
 }
 
