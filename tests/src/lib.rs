@@ -344,6 +344,17 @@ impl Rest {
     }
 }
 
+/// Value of the unlabelled sample `name` on `node`'s `/metrics`.
+pub async fn metric(rest: &Rest, node: &Node, token: &str, name: &str) -> Result<f64> {
+    let (s, v) = rest.get(&node.url("/metrics"), token).await?;
+    anyhow::ensure!(s == 200, "/metrics of node {}: {s}", node.id);
+    v.as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("node {} exports no {name}", node.id))
+}
+
 /// Waits until `node` answers `/healthz` and reports a leader; returns the leader id.
 pub async fn wait_leader(rest: &Rest, nodes: &[&Node], timeout: Duration) -> Result<u64> {
     wait_for("a leader all listed nodes agree on", timeout, || async {

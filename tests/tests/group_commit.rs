@@ -8,18 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
-use steward_tests::{admin_token, start_group, wait_leader, Node, Rest, Scratch};
-
-/// Value of the unlabelled sample `name` on `node`'s `/metrics`.
-async fn metric(rest: &Rest, node: &Node, token: &str, name: &str) -> Result<f64> {
-    let (s, v) = rest.get(&node.url("/metrics"), token).await?;
-    ensure!(s == 200, "/metrics of node {}: {s}", node.id);
-    v.as_str()
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .with_context(|| format!("node {} exports no {name}", node.id))
-}
+use steward_tests::{admin_token, metric, start_group, wait_leader, Node, Rest, Scratch};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_share_entries_and_reads_see_them() -> Result<()> {

@@ -7,6 +7,8 @@
 //! - **teams**: `POST /v1/teams` through the leader: one Raft write per request and nothing
 //!   else (no provisioning), i.e. acknowledged Raft proposals/s as the REST API reaches them;
 //! - **teams via follower**: the same through a follower (which forwards to the leader);
+//!   for each write phase the report also gives the log entries the leader's group commit
+//!   proposed and the commands per entry (its `/metrics` before and after the phase);
 //! - **teams, open loop** (`--rate R`, 0 skips): `POST /v1/teams` through the leader at R
 //!   requests a second, each sent on schedule and timed from then: the latency at that load
 //!   (the closed-loop phases above measure the most a node takes, where latency is queueing),
@@ -69,7 +71,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
 use steward_tests::benchkit::percentile;
-use steward_tests::{admin_token, sim, start_group, tls, wait_leader, Node, Rest, Scratch};
+use steward_tests::{admin_token, metric, sim, start_group, tls, wait_leader, Node, Rest, Scratch};
 
 #[derive(Parser, Debug)]
 #[command(name = "cp-bench", about = "Measures writes, reads, elections and agent load of a 3-node control plane")]
@@ -370,15 +372,10 @@ impl Run {
 
 /// The group-commit counters on `node`'s `/metrics`: (log entries proposed, commands in them).
 /// `None` when the node does not answer; the report then leaves batching out.
-async fn group_commit_counts(rest: &Rest, node: &Node) -> Option<(u64, u64)> {
-    let (status, body) = rest.send(reqwest::Method::GET, &node.url("/metrics"), None, None).await.ok()?;
-    if status != 200 {
-        return None;
-    }
-    let text = body.as_str()?;
-    let value =
-        |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok());
-    Some((value("steward_raft_proposal_entries_total")?, value("steward_raft_proposals_total")?))
+async fn group_commit_counts(rest: &Rest, node: &Node, token: &str) -> Option<(u64, u64)> {
+    let entries = metric(rest, node, token, "steward_raft_proposal_entries_total").await.ok()?;
+    let commands = metric(rest, node, token, "steward_raft_proposals_total").await.ok()?;
+    Some((entries as u64, commands as u64))
 }
 
 /// The leader's index in `nodes` (all agreeing).
@@ -512,19 +509,21 @@ async fn main() -> Result<()> {
     phases.push(("GET /v1/databases on follower".to_string(), fi, Call::ListDatabases, None, secs));
     for (label, idx, call, rate, secs) in phases {
         eprintln!("phase: {label}");
-        let (rest2, token, url) = (rest.clone(), token.clone(), nodes[idx].url(call.path()));
+        let (op_rest, op_token, url) = (rest.clone(), token.clone(), nodes[idx].url(call.path()));
         let op = move |client, seq| {
-            let (rest, token, url) = (rest2.clone(), token.clone(), url.clone());
+            let (rest, token, url) = (op_rest.clone(), op_token.clone(), url.clone());
             async move { call.send(&rest, &url, &token, client, seq).await }
         };
         let writes = matches!(call, Call::CreateTeam { .. });
-        let before = if writes { group_commit_counts(&rest, &nodes[li]).await } else { None };
+        let before = if writes { group_commit_counts(&rest, &nodes[li], &token).await } else { None };
         let mut l = match rate {
             Some(rate) => paced(&label, &nodes, rate, secs, op).await,
             None => load(&label, &nodes, args.clients, secs, op).await,
         };
-        if let (Some(b), Some(a)) = (before, group_commit_counts(&rest, &nodes[li]).await) {
-            l.batching = Some((a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)));
+        if let Some(b) = before {
+            l.batching = group_commit_counts(&rest, &nodes[li], &token)
+                .await
+                .map(|a| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)));
         }
         loads.push(l);
     }
